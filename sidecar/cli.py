@@ -1,0 +1,138 @@
+"""The ``sidecar`` command.
+
+    sidecar --upstream URL [--host H] [--port P] [options]   serve (the default)
+    sidecar demo [--serve]                                   the built-in demo
+    sidecar config [options]                                 print the effective settings
+
+Every option of :data:`sidecar.config.OPTIONS` is a flag here, a ``SIDECAR_*``
+environment variable and a key of the ``--config`` TOML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import OPTIONS, ConfigError, Settings, load_settings
+from .profile import ProfileError, load_profile
+
+__all__ = ["main"]
+
+_COMMANDS = ("serve", "demo", "config")
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
+    "message",
+    "asctime",
+}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonLines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="A reverse proxy that makes a stream-first server's events readable as state.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the proxy (the default command)")
+    config = sub.add_parser("config", help="print the effective configuration, secrets masked")
+    for p in (serve, config):
+        p.add_argument("--config", metavar="FILE", help="a TOML file of options (or SIDECAR_CONFIG)")
+        for option in OPTIONS:
+            flag = "--" + option.name.replace("_", "-")
+            if option.kind is bool:
+                p.add_argument(
+                    flag, dest=option.name, action=argparse.BooleanOptionalAction, help=option.help
+                )
+            else:
+                p.add_argument(flag, dest=option.name, metavar=option.kind.__name__.upper(),
+                               help=f"{option.help} (default: {option.default})")
+    demo = sub.add_parser("demo", help="run the built-in demo: a fake gptme with the sidecar in front")
+    demo.add_argument("--serve", action="store_true", help="keep both servers up after the script")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=0, help="the sidecar's port (default: any free)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    return load_settings(config_file=args.config, flags=flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return asyncio.run(run_demo(host=args.host, port=args.port, serve=args.serve))
+        settings = _settings(args)
+        profile = load_profile(settings.profile)
+        if args.command == "config":
+            print(json.dumps({**settings.masked(), "profile_source": profile.source}, indent=2))
+            return 0
+    except (ConfigError, ProfileError) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings, profile)
+
+
+def serve(settings: Settings, profile: Any) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    setup_logging(settings.log_level)
+    log = logging.getLogger("sidecar")
+    app = create_app(settings, profile)
+    log.info(
+        "listening",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "upstream": settings.upstream,
+            "profile": profile.name,
+        },
+    )
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Settings: one table of options, read from a TOML file, ``SIDECAR_*``
+environment variables and command-line flags (later sources win).
+
+Every option is declared once in :data:`OPTIONS`; the CLI flags, the
+environment names and the validation all come from that table, so they cannot
+drift apart. A wrong key or value raises :class:`ConfigError` with one line
+naming the key and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_settings"]
+
+ENV_PREFIX = "SIDECAR_"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    return value.rstrip("/")
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return value
+
+
+def _count(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _level(value: str) -> str:
+    if value.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return value.lower()
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    kind: type
+    default: Any
+    help: str
+    check: Callable[[Any], Any] | None = None
+    secret: bool = False
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("upstream", str, None, "the upstream server's base URL", _url),
+    Option("host", str, "127.0.0.1", "address to listen on"),
+    Option("port", int, 8080, "port to listen on", _port),
+    Option("profile", str, "gptme", "built-in profile name or profile file path"),
+    Option("preserve_host", bool, False, "forward the client's Host header unchanged"),
+    Option(
+        "upstream_authorization",
+        str,
+        None,
+        "Authorization header for the sidecar's own subscriptions (default: the client's)",
+        secret=True,
+    ),
+    Option("connect_timeout", float, 5.0, "seconds to connect to the upstream", _positive),
+    Option(
+        "response_timeout",
+        float,
+        60.0,
+        "seconds from sending a request to the upstream's response headers",
+        _positive,
+    ),
+    Option(
+        "trigger_wait",
+        float,
+        2.0,
+        "seconds a trigger waits for its stream to be live before it is forwarded",
+        _positive,
+    ),
+    Option(
+        "stale_after",
+        float,
+        None,
+        "seconds of stream silence taken as a dead connection (default: 3 heartbeats)",
+        _positive,
+    ),
+    Option("reconnect_min", float, 0.5, "first reconnect delay, seconds", _positive),
+    Option("reconnect_max", float, 30.0, "reconnect delay cap, seconds", _positive),
+    Option("max_subscriptions", int, 1000, "live upstream subscriptions at most", _count),
+    Option("max_snapshots", int, 10000, "snapshots kept at most", _count),
+    Option("merge_limit", int, 32 * 1024 * 1024, "largest body merged, bytes", _count),
+    Option("max_event_bytes", int, 4 * 1024 * 1024, "largest SSE event kept, bytes", _count),
+    Option("log_level", str, "info", "debug, info, warning or error", _level),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str = "http://127.0.0.1:5700"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    profile: str = "gptme"
+    preserve_host: bool = False
+    upstream_authorization: str | None = None
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    trigger_wait: float = 2.0
+    stale_after: float | None = None
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    max_subscriptions: int = 1000
+    max_snapshots: int = 10000
+    merge_limit: int = 32 * 1024 * 1024
+    max_event_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings, secrets masked: safe to print or log."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if _BY_NAME[f.name].secret and value:
+                value = "***"
+            out[f.name] = value
+        return out
+
+
+def _coerce(option: Option, value: Any, source: str) -> Any:
+    where = f"{source}: {option.name}"
+    if isinstance(value, str) and option.kind is not str:
+        text = value.strip()
+        try:
+            if option.kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = text.lower() in ("1", "true", "yes", "on")
+            else:
+                value = option.kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {option.kind.__name__}, got {value!r}") from None
+    if option.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, option.kind) or (option.kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {option.kind.__name__}, got {value!r}")
+    if option.check is not None:
+        try:
+            value = option.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return value
+
+
+def load_settings(
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    require_upstream: bool = True,
+) -> Settings:
+    """Defaults, then the file, then ``SIDECAR_*`` variables, then flags."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        try:
+            data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: cannot read ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: not valid TOML ({exc})") from None
+        data = data.get("sidecar", data) if isinstance(data.get("sidecar"), dict) else data
+        for key, value in data.items():
+            option = _BY_NAME.get(key)
+            if option is None:
+                raise ConfigError(f"config file {config_file}: {key}: unknown key")
+            values[key] = _coerce(option, value, f"config file {config_file}")
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        option = _BY_NAME.get(key)
+        if option is None:
+            raise ConfigError(f"environment: {name}: unknown variable")
+        values[key] = _coerce(option, value, "environment")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = _coerce(_BY_NAME[key], value, "command line")
+    if require_upstream and not values.get("upstream"):
+        raise ConfigError(
+            "upstream: missing (give --upstream URL, SIDECAR_UPSTREAM or `upstream` in the file)"
+        )
+    settings = Settings(**values)
+    if settings.reconnect_min > settings.reconnect_max:
+        raise ConfigError("reconnect_min: must not exceed reconnect_max")
+    return settings

@@ -1,0 +1,398 @@
+"""A stream-first upstream that behaves like the gptme v2 server, traps included.
+
+It backs the built-in demo and the project's tests. It is not an idealised
+server: ``/step`` answers before any event (0.31.0), or waits for the first
+token and turns an early error into a 500 (0.35.1); events go to every
+subscriber of a conversation; the ``connected`` event carries the new
+session's state only in 0.35.1; GET reports the wrong session's state with
+more than one subscriber (0.35.1); auth, Host checks, compression and a weak
+ETag computed from the log alone can be switched on. Faults can be injected:
+drop every stream, go silent without closing (half-open), or restart and
+forget every session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import itertools
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+try:
+    import brotli
+except ImportError:  # pragma: no cover
+    brotli = None
+
+__all__ = ["FakeGptme", "Outcome"]
+
+INVALID_KEY_ERROR = (
+    "Error code: 401 - {'error': {'message': 'Incorrect API key provided', "
+    "'type': 'invalid_request_error', 'code': 'invalid_api_key'}}"
+)
+
+
+@dataclass
+class Outcome:
+    """What the fake model does when a step runs."""
+
+    kind: str = "success"  # success | error | tool
+    tokens: int = 5
+    pace: float = 0.01  # seconds between tokens
+    error: str = INVALID_KEY_ERROR
+    error_after: int = 0  # tokens produced before an error
+    start_delay: float = 0.0  # before generation_started (0.31.0's gap)
+    tool: str = "shell"
+
+
+@dataclass
+class Session:
+    id: str
+    conversation: str
+    generating: bool = False
+    last_error: str | None = None
+    pending_tools: dict[str, Any] = field(default_factory=dict)
+    activity: int = 0
+
+
+@dataclass
+class Conversation:
+    id: str
+    log: list[dict[str, Any]] = field(default_factory=list)
+    subscribers: list[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+class FakeGptme:
+    def __init__(
+        self,
+        version: str = "0.31.0",
+        *,
+        token: str | None = None,
+        allowed_hosts: set[str] | None = None,
+        compress: bool | None = None,
+        etag: bool | None = None,
+        heartbeat: float = 15.0,
+        outcome: Outcome | None = None,
+    ) -> None:
+        if version not in ("0.31.0", "0.35.1"):
+            raise ValueError(f"unknown version {version!r}")
+        modern = version == "0.35.1"
+        self.version = version
+        self.token = token
+        self.allowed_hosts = allowed_hosts
+        self.compress = modern if compress is None else compress
+        self.etag = modern if etag is None else etag
+        self.heartbeat = heartbeat
+        self.outcome = outcome or Outcome()
+        self.conversations: dict[str, Conversation] = {}
+        self.sessions: dict[str, Session] = {}
+        self.silent = False
+        self.requests: list[tuple[str, str]] = []  # (method, raw path) seen
+        self._activity = itertools.count(1)
+        self.app = self._build()
+
+    @property
+    def modern(self) -> bool:
+        return self.version == "0.35.1"
+
+    # ---------------------------------------------------------- faults
+    def drop_streams(self) -> None:
+        """Close every open event stream, as a crash or a proxy reset would."""
+        for conv in self.conversations.values():
+            for queue in conv.subscribers:
+                queue.put_nowait(None)
+
+    def go_silent(self, silent: bool = True) -> None:
+        """Keep streams open but send nothing, not even pings (half-open)."""
+        self.silent = silent
+
+    def restart(self) -> None:
+        """Forget sessions and running work; conversation logs survive."""
+        self.drop_streams()
+        for conv in self.conversations.values():
+            if conv.task is not None:
+                conv.task.cancel()
+            conv.subscribers.clear()
+        self.sessions.clear()
+
+    def subscriber_count(self, conversation_id: str) -> int:
+        conv = self.conversations.get(conversation_id)
+        return len(conv.subscribers) if conv else 0
+
+    # --------------------------------------------------------- helpers
+    def broadcast(self, conversation_id: str, event: dict[str, Any]) -> None:
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            return
+        tick = next(self._activity)
+        for session in self.sessions.values():
+            if session.conversation == conversation_id:
+                session.activity = tick  # every event touches every session
+        for queue in conv.subscribers:
+            queue.put_nowait(event)
+
+    def _json(self, request: web.Request, body: Any, status: int = 200) -> web.Response:
+        raw = orjson.dumps(body)
+        headers = {"Content-Type": "application/json"}
+        if self.compress:
+            headers["Vary"] = "Accept-Encoding"
+            accept = request.headers.get("Accept-Encoding", "")
+            if "br" in accept and brotli is not None:
+                raw, headers["Content-Encoding"] = brotli.compress(raw), "br"
+            elif "gzip" in accept:
+                raw, headers["Content-Encoding"] = gzip.compress(raw), "gzip"
+        return web.Response(body=raw, status=status, headers=headers)
+
+    def _session_for(self, conversation_id: str) -> Session:
+        session = Session(uuid.uuid4().hex[:12], conversation_id, activity=next(self._activity))
+        self.sessions[session.id] = session
+        return session
+
+    # ------------------------------------------------------ middleware
+    def _build(self) -> web.Application:
+        @web.middleware
+        async def gate(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            self.requests.append((request.method, request.raw_path))
+            if self.allowed_hosts is not None:
+                host = (request.host or "").rsplit(":", 1)[0]
+                if host not in self.allowed_hosts:
+                    return self._json(request, {"error": f"Invalid host: {host}"}, 403)
+            if self.token is not None:
+                if request.headers.get("Authorization") != f"Bearer {self.token}":
+                    return self._json(request, {"error": "Unauthorized"}, 401)
+            return await handler(request)
+
+        app = web.Application(middlewares=[gate])
+        conv = "/api/v2/conversations/{id}"
+        app.router.add_get("/api/v2", self._root)
+        app.router.add_put(conv, self._create)
+        app.router.add_get(conv, self._get)
+        app.router.add_post(conv, self._append)
+        app.router.add_post(conv + "/step", self._step)
+        app.router.add_get(conv + "/events", self._events)
+        app.router.add_post(conv + "/tool/confirm", self._confirm)
+        app.router.add_post(conv + "/interrupt", self._interrupt)
+        return app
+
+    # --------------------------------------------------------- routes
+    async def _root(self, request: web.Request) -> web.Response:
+        return self._json(request, {"message": "gptme v2 API", "version": self.version})
+
+    async def _create(self, request: web.Request) -> web.Response:
+        cid = request.match_info["id"]
+        if cid in self.conversations:
+            return self._json(request, {"error": f"Conversation already exists: {cid}"}, 409)
+        body = await request.json()
+        self.conversations[cid] = Conversation(cid, log=list(body.get("messages", [])))
+        session = self._session_for(cid)
+        return self._json(
+            request, {"status": "ok", "conversation_id": cid, "session_id": session.id}
+        )
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        cid = request.match_info["id"]
+        conv = self.conversations.get(cid)
+        if conv is None:
+            return self._json(request, {"error": f"Conversation not found: {cid}"}, 404)
+        etag = None
+        if self.etag:
+            # Computed from the log alone, and checked before the session
+            # field is built: a 304 can hide a change of state.
+            etag = 'W/"' + hashlib.sha1(orjson.dumps(conv.log)).hexdigest()[:16] + '"'
+            inm = request.headers.get("If-None-Match", "")
+            if etag in [t.strip() for t in inm.split(",")]:
+                return web.Response(status=304, headers={"ETag": etag})
+        body: dict[str, Any] = {
+            "id": cid,
+            "name": cid,
+            "log": conv.log,
+            "branches": {"main": conv.log},
+            "logfile": f"/data/conversations/{cid}/conversation.jsonl",
+            "workspace": "/data/workspace",
+        }
+        if self.modern:
+            sessions = [s for s in self.sessions.values() if s.conversation == cid]
+            if sessions:
+                newest = max(sessions, key=lambda s: s.activity)
+                body["session"] = {
+                    "id": newest.id,
+                    "generating": newest.generating,
+                    "last_error": newest.last_error,
+                }
+        response = self._json(request, body)
+        if etag:
+            response.headers["ETag"] = etag
+        return response
+
+    async def _append(self, request: web.Request) -> web.Response:
+        cid = request.match_info["id"]
+        conv = self.conversations.get(cid)
+        if conv is None:
+            return self._json(request, {"error": f"Conversation not found: {cid}"}, 404)
+        message = await request.json()
+        conv.log.append(message)
+        self.broadcast(cid, {"type": "message_added", "message": message})
+        return self._json(request, {"status": "ok"})
+
+    async def _step(self, request: web.Request) -> web.Response:
+        cid = request.match_info["id"]
+        conv = self.conversations.get(cid)
+        if conv is None:
+            return self._json(request, {"error": f"Conversation not found: {cid}"}, 404)
+        body = await request.json()
+        session = self.sessions.get(body.get("session_id", ""))
+        if session is None:
+            return self._json(request, {"error": "Session not found"}, 404)
+        if session.generating:
+            return self._json(request, {"error": "Generation already in progress"}, 409)
+        first = asyncio.get_running_loop().create_future()
+        session.generating = True
+        session.last_error = None
+        conv.task = asyncio.create_task(self._generate(conv, session, self.outcome, first))
+        if self.modern:
+            # 0.35.1 waits up to 5 s for the first token or an early error.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(first), 5.0)
+            if first.done() and first.result() is not None:
+                return self._json(request, {"status": "error", "error": first.result()}, 500)
+        return self._json(request, {"status": "ok", "message": "Step started"})
+
+    async def _generate(
+        self,
+        conv: Conversation,
+        session: Session,
+        outcome: Outcome,
+        first: asyncio.Future[str | None],
+    ) -> None:
+        def settle(value: str | None) -> None:
+            if not first.done():
+                first.set_result(value)
+
+        try:
+            await asyncio.sleep(outcome.start_delay)
+            self.broadcast(conv.id, {"type": "generation_started"})
+            produced = []
+            for i in range(outcome.tokens):
+                if outcome.kind == "error" and i == outcome.error_after:
+                    break
+                token = f"tok{i} "
+                produced.append(token)
+                self.broadcast(conv.id, {"type": "generation_progress", "token": token})
+                settle(None)
+                await asyncio.sleep(outcome.pace)
+            if outcome.kind == "error":
+                session.last_error = outcome.error
+                session.generating = False
+                self.broadcast(conv.id, {"type": "error", "error": outcome.error})
+                settle(outcome.error)
+                return
+            message = {"role": "assistant", "content": "".join(produced)}
+            conv.log.append(message)
+            self.broadcast(conv.id, {"type": "generation_complete", "message": message})
+            if outcome.kind == "tool":
+                tool_id = uuid.uuid4().hex[:8]
+                tooluse = {"tool": outcome.tool, "args": [], "content": "ls"}
+                session.pending_tools[tool_id] = tooluse
+                self.broadcast(
+                    conv.id,
+                    {
+                        "type": "tool_pending",
+                        "tool_id": tool_id,
+                        "tooluse": tooluse,
+                        "auto_confirm": False,
+                    },
+                )
+            session.generating = False
+            settle(None)
+        finally:
+            settle(None)
+            session.generating = False
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        cid = request.match_info["id"]
+        conv = self.conversations.get(cid)
+        if conv is None:
+            return self._json(request, {"error": f"Conversation not found: {cid}"}, 404)
+        session = self.sessions.get(request.query.get("session_id", ""))
+        if session is None:
+            session = self._session_for(cid)  # without session_id: a new session
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        conv.subscribers.append(queue)
+        connected: dict[str, Any] = {"type": "connected", "session_id": session.id}
+        if self.modern:
+            connected.update(
+                generating=session.generating,
+                last_error=session.last_error,
+                pending_tools=[{"tool_id": k, **v} for k, v in session.pending_tools.items()],
+            )
+        try:
+            await self._send_event(response, connected)
+            await self._send_event(response, {"type": "ping"})
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), self.heartbeat)
+                except TimeoutError:
+                    event = {"type": "ping"}
+                if event is None:
+                    break
+                if not self.silent:
+                    await self._send_event(response, event)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                conv.subscribers.remove(queue)
+        return response
+
+    @staticmethod
+    async def _send_event(response: web.StreamResponse, event: dict[str, Any]) -> None:
+        await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+    async def _confirm(self, request: web.Request) -> web.Response:
+        cid = request.match_info["id"]
+        body = await request.json()
+        session = self.sessions.get(body.get("session_id", ""))
+        if session is None:
+            return self._json(request, {"error": "Session not found"}, 404)
+        tool_id = body.get("tool_id", "")
+        if tool_id not in session.pending_tools:
+            return self._json(request, {"error": f"Tool not found: {tool_id}"}, 404)
+        del session.pending_tools[tool_id]
+        self.broadcast(cid, {"type": "tool_executing", "tool_id": tool_id})
+        self.broadcast(cid, {"type": "tool_output", "tool_id": tool_id, "output": "file.txt"})
+        self.broadcast(
+            cid, {"type": "tool_complete", "tool_id": tool_id, "duration_ms": 3, "success": True}
+        )
+        return self._json(request, {"status": "ok", "message": "Tool confirmed"})
+
+    async def _interrupt(self, request: web.Request) -> web.Response:
+        cid = request.match_info["id"]
+        body = await request.json()
+        session = self.sessions.get(body.get("session_id", ""))
+        if session is None:
+            return self._json(request, {"error": "Session not found"}, 404)
+        conv = self.conversations[cid]
+        if conv.task is not None:
+            conv.task.cancel()
+        session.generating = False
+        session.pending_tools.clear()
+        self.broadcast(cid, {"type": "interrupted"})
+        return self._json(request, {"status": "ok", "message": "Interrupted"})

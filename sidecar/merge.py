@@ -1,0 +1,172 @@
+"""Merging a snapshot into an upstream's JSON body, and the ETag rule. No I/O.
+
+The merge is ``(body bytes, key, snapshot) -> body bytes``:
+
+* When the key does not occur in the body at all (gptme 0.31.0), the
+  snapshot's pre-serialised bytes are inserted right after the object's
+  opening brace: no parse, cost independent of the body's size. A JSON
+  string can only contain the bytes ``"key"`` as a whole token (a quote
+  inside a string is escaped), so "not found" is exact.
+* Otherwise (gptme 0.35.1 has its own ``session``) the body is parsed, the
+  sidecar's observed fields win over the upstream's, the upstream's other
+  keys stay, and the body is serialised again.
+
+ETags: the upstream's tag covers its body, not the snapshot, so a merged
+response carries ``W/"<upstream tag>;sc=<snapshot digest>"``. An incoming
+``If-None-Match`` is translated back: a tag whose digest is the current
+snapshot's is forwarded as the upstream's tag; a tag with another digest is
+dropped, so the upstream answers 200 and the client gets the new state. A
+``304`` can therefore only happen when neither the body nor the snapshot
+changed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from typing import Any
+
+import orjson
+
+from .snapshot import Snapshot
+
+try:  # brotli is optional: without it, br bodies pass through unmerged
+    import brotli
+except ImportError:  # pragma: no cover - exercised only without the extra
+    brotli = None
+
+__all__ = [
+    "MergeError",
+    "decode_body",
+    "encode_body",
+    "merge",
+    "merged_etag",
+    "supported_encoding",
+    "translate_if_none_match",
+]
+
+_WS = b" \t\r\n"
+
+
+class MergeError(ValueError):
+    """The body is not a JSON object; it is passed through unchanged."""
+
+
+def merge(body: bytes, key: str, snap: Snapshot) -> bytes:
+    needle = orjson.dumps(key)
+    start = len(body) - len(body.lstrip(_WS))
+    if body[start : start + 1] != b"{":
+        raise MergeError("body is not a JSON object")
+    if needle not in body:
+        rest = body[start + 1 :]
+        sep = b"" if rest.lstrip(_WS)[:1] == b"}" else b","
+        return b"".join((body[:start], b"{", needle, b":", snap.body, sep, rest))
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MergeError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise MergeError("body is not a JSON object")
+    doc[key] = merge_object(doc.get(key), snap)
+    return orjson.dumps(doc)
+
+
+def merge_object(upstream: Any, snap: Snapshot) -> dict[str, Any]:
+    """The upstream's own object under the key, with the observed fields on top."""
+    if not isinstance(upstream, dict):
+        return snap.as_dict()
+    merged = dict(upstream)
+    merged.update(snap.observed())
+    for name, value in snap.as_dict().items():
+        merged.setdefault(name, value)
+    return merged
+
+
+# ------------------------------------------------------------------ ETags
+
+_TAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
+_SUFFIX = re.compile(r'^"(.*);sc=([0-9a-f]+)"$')
+
+
+def merged_etag(upstream_etag: str, snap: Snapshot) -> str:
+    """The ETag of a merged response (always weak: we re-encode the body)."""
+    m = re.match(r'\s*(?:W/)?"([^"]*)"\s*$', upstream_etag)
+    opaque = m.group(1) if m else upstream_etag.replace('"', "")
+    return f'W/"{opaque};sc={snap.digest}"'
+
+
+def translate_if_none_match(value: str, snap: Snapshot) -> str | None:
+    """Turn a client's If-None-Match into what the upstream should see.
+
+    Returns None when no tag can still match (the header is then dropped).
+    """
+    if value.strip() == "*":
+        return value
+    kept = []
+    for weak, tag in _TAG.findall(value):
+        m = _SUFFIX.match(tag)
+        if m is None:
+            kept.append(f"{weak}{tag}")  # not one of ours: leave it to the upstream
+        elif m.group(2) == snap.digest:
+            kept.append(f'W/"{m.group(1)}"')
+    return ", ".join(kept) if kept else None
+
+
+def etag_digests(value: str) -> set[str]:
+    """The snapshot digests named by the sidecar's tags in an If-None-Match."""
+    found = set()
+    for _, tag in _TAG.findall(value):
+        m = _SUFFIX.match(tag)
+        if m is not None:
+            found.add(m.group(2))
+    return found
+
+
+# --------------------------------------------------------- content codings
+
+
+def supported_encoding(content_encoding: str) -> bool:
+    coding = content_encoding.strip().lower()
+    if coding in ("", "identity", "gzip", "x-gzip", "deflate"):
+        return True
+    return coding == "br" and brotli is not None
+
+
+def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """Undo one content coding; ``limit`` bounds the decoded size."""
+    coding = content_encoding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding in ("gzip", "x-gzip", "deflate"):
+        wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS
+        try:
+            d = zlib.decompressobj(wbits)
+            out = d.decompress(body, limit + 1)
+        except zlib.error:
+            if coding != "deflate":
+                raise
+            d = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send
+            out = d.decompress(body, limit + 1)
+        if len(out) > limit:
+            raise MergeError("decoded body exceeds the merge limit")
+        return out
+    if coding == "br" and brotli is not None:
+        out = brotli.decompress(body)
+        if len(out) > limit:
+            raise MergeError("decoded body exceeds the merge limit")
+        return bytes(out)
+    raise MergeError(f"unsupported content coding {content_encoding!r}")
+
+
+def encode_body(body: bytes, content_encoding: str) -> bytes:
+    coding = content_encoding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding in ("gzip", "x-gzip"):
+        return gzip.compress(body, compresslevel=5, mtime=0)
+    if coding == "deflate":
+        return zlib.compress(body, 5)
+    if coding == "br" and brotli is not None:
+        return bytes(brotli.compress(body, quality=4))
+    raise MergeError(f"unsupported content coding {content_encoding!r}")

@@ -1,0 +1,301 @@
+"""Profiles: what an upstream looks like, as data.
+
+A profile names the paths that are event streams, triggers and enrich targets,
+the pattern a resource id must match, and the rules that turn events into
+snapshot changes. The gptme profile (``config/gptme.toml``) is built in; a
+second upstream needs a new file, not new code.
+
+Loading validates everything up front and raises :class:`ProfileError` with a
+message naming the key at fault, so a bad profile stops the process at start-up
+with one clear line instead of misbehaving at the first event.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from .snapshot import CLEARABLE, STATUSES, STATE_KEYS
+
+__all__ = [
+    "BUILTIN_PROFILES",
+    "EventRule",
+    "PathTemplate",
+    "Profile",
+    "ProfileError",
+    "Trigger",
+    "load_profile",
+]
+
+BUILTIN_PROFILES = ("gptme",)
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the key."""
+
+
+class PathTemplate:
+    """A path with one ``{id}`` segment, matched against raw request paths.
+
+    Matching works on the raw (still percent-encoded) path so that an encoded
+    slash stays inside its segment; the id is then decoded and checked against
+    the profile's id pattern. Building a path percent-encodes the id, so no id
+    can ever make the sidecar request a different path.
+    """
+
+    def __init__(self, template: str, id_pattern: re.Pattern[str], where: str) -> None:
+        if not template.startswith("/"):
+            raise ProfileError(f"{where}: path {template!r} must start with '/'")
+        if template.count("{id}") > 1:
+            raise ProfileError(f"{where}: path {template!r} has more than one {{id}}")
+        self.template = template
+        self.has_id = "{id}" in template
+        self._id_pattern = id_pattern
+        head, _, tail = template.partition("{id}")
+        regex = re.escape(head) + ("([^/?#]+)" + re.escape(tail) if self.has_id else "")
+        self._regex = re.compile(regex + r"\Z")
+
+    def match(self, raw_path: str) -> str | None:
+        """The decoded resource id if ``raw_path`` (no query) fits, else None.
+
+        A template without ``{id}`` matches with the empty id.
+        """
+        m = self._regex.match(raw_path)
+        if m is None:
+            return None
+        if not self.has_id:
+            return ""
+        resource_id = unquote(m.group(1), errors="strict")
+        if not valid_id(resource_id, self._id_pattern):
+            return None
+        return resource_id
+
+    def build(self, resource_id: str) -> str:
+        return self.template.replace("{id}", quote(resource_id, safe=""))
+
+
+def valid_id(resource_id: str, pattern: re.Pattern[str]) -> bool:
+    return resource_id not in (".", "..") and pattern.fullmatch(resource_id) is not None
+
+
+@dataclass(frozen=True)
+class Trigger:
+    method: str
+    path: PathTemplate
+    session_field: str | None = None
+    on_accept: EventRule | None = None
+    error_field: str | None = None
+
+
+@dataclass(frozen=True)
+class EventRule:
+    """What one event type does to a snapshot (see ``config/gptme.toml``)."""
+
+    status: str | None = None
+    last_error: str | None = None  # event field to copy into last_error
+    clear: tuple[str, ...] = ()
+    add_pending: str | None = None
+    remove_pending: str | None = None
+    state: dict[str, str] | None = None
+    when_status: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    id_pattern: re.Pattern[str]
+    stream: PathTemplate
+    heartbeat_seconds: float
+    type_field: str  # dotted path into the event's JSON, or "@event"
+    id_field: str | None  # for a shared stream: where an event names its resource
+    enrich_method: str
+    enrich: PathTemplate
+    key: str
+    triggers: tuple[Trigger, ...]
+    events: dict[str, EventRule] = field(default_factory=dict)
+    source: str = "<builtin>"
+
+    @property
+    def shared_stream(self) -> bool:
+        return not self.stream.has_id
+
+    def match_trigger(self, method: str, raw_path: str) -> tuple[Trigger, str] | None:
+        for trigger in self.triggers:
+            if trigger.method == method:
+                resource_id = trigger.path.match(raw_path)
+                if resource_id is not None:
+                    return trigger, resource_id
+        return None
+
+    def match_enrich(self, method: str, raw_path: str) -> str | None:
+        if method != self.enrich_method:
+            return None
+        return self.enrich.match(raw_path)
+
+    def valid_id(self, resource_id: str) -> bool:
+        return valid_id(resource_id, self.id_pattern)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load a built-in profile by name, or a profile file by path."""
+    if name_or_path in BUILTIN_PROFILES:
+        text, source = _builtin_text(name_or_path), f"<builtin {name_or_path}>"
+    else:
+        path = Path(name_or_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ProfileError(f"profile {name_or_path!r}: cannot read ({exc.strerror})") from exc
+        source = str(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {source}: not valid TOML ({exc})") from exc
+    return parse_profile(data, source)
+
+
+def _builtin_text(name: str) -> str:
+    packaged = resources.files("sidecar") / "profiles" / f"{name}.toml"
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    # A source checkout or editable install: the file lives in config/.
+    checkout = Path(__file__).resolve().parent.parent / "config" / f"{name}.toml"
+    return checkout.read_text(encoding="utf-8")
+
+
+class _Reader:
+    """Reads one table, remembering the keys used so unknown ones are errors."""
+
+    def __init__(self, table: Any, where: str) -> None:
+        if not isinstance(table, dict):
+            raise ProfileError(f"{where}: must be a table")
+        self.table: dict[str, Any] = table
+        self.where = where
+        self.used: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                raise ProfileError(f"{self.where}.{key}: missing")
+            return default
+        value = self.table[key]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise ProfileError(f"{self.where}.{key}: expected {names}, got {value!r}")
+        return value
+
+    def done(self) -> None:
+        extra = sorted(set(self.table) - self.used)
+        if extra:
+            raise ProfileError(f"{self.where}.{extra[0]}: unknown key")
+
+
+def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
+    top = _Reader(data, f"profile {source}")
+    name = top.get("name", str)
+
+    res = _Reader(top.get("resource", dict), "resource")
+    pattern_text = res.get("id_pattern", str)
+    try:
+        id_pattern = re.compile(pattern_text)
+    except re.error as exc:
+        raise ProfileError(f"resource.id_pattern: invalid regex ({exc})") from exc
+    res.done()
+
+    st = _Reader(top.get("stream", dict), "stream")
+    stream = PathTemplate(st.get("path", str), id_pattern, "stream.path")
+    heartbeat = float(st.get("heartbeat_seconds", (int, float), 15))
+    if heartbeat <= 0:
+        raise ProfileError("stream.heartbeat_seconds: must be positive")
+    type_field = st.get("type_field", str, "type")
+    id_field = st.get("id_field", str, None)
+    if not stream.has_id and id_field is None:
+        raise ProfileError("stream.id_field: required when stream.path has no {id}")
+    st.done()
+
+    en = _Reader(top.get("enrich", dict), "enrich")
+    enrich_method = en.get("method", str, "GET").upper()
+    enrich = PathTemplate(en.get("path", str), id_pattern, "enrich.path")
+    if not enrich.has_id:
+        raise ProfileError("enrich.path: must contain {id}")
+    key = en.get("key", str)
+    en.done()
+
+    triggers = []
+    for i, raw in enumerate(top.get("triggers", list, [])):
+        where = f"triggers[{i}]"
+        tr = _Reader(raw, where)
+        path = PathTemplate(tr.get("path", str), id_pattern, f"{where}.path")
+        if not path.has_id:
+            raise ProfileError(f"{where}.path: must contain {{id}}")
+        accept = tr.get("on_accept", dict, None)
+        triggers.append(
+            Trigger(
+                method=tr.get("method", str, "POST").upper(),
+                path=path,
+                session_field=tr.get("session_field", str, None),
+                on_accept=_rule(accept, f"{where}.on_accept") if accept is not None else None,
+                error_field=tr.get("error_field", str, None),
+            )
+        )
+        tr.done()
+
+    events = {
+        event_type: _rule(raw, f"events.{event_type}")
+        for event_type, raw in top.get("events", dict, {}).items()
+    }
+    top.done()
+    return Profile(
+        name=name,
+        id_pattern=id_pattern,
+        stream=stream,
+        heartbeat_seconds=heartbeat,
+        type_field=type_field,
+        id_field=id_field,
+        enrich_method=enrich_method,
+        enrich=enrich,
+        key=key,
+        triggers=tuple(triggers),
+        events=events,
+        source=source,
+    )
+
+
+def _rule(raw: Any, where: str) -> EventRule:
+    r = _Reader(raw, where)
+    status = r.get("status", str, None)
+    if status is not None and status not in STATUSES:
+        raise ProfileError(f"{where}.status: unknown status {status!r}")
+    clear = tuple(r.get("clear", list, []))
+    for name in clear:
+        if name not in CLEARABLE:
+            raise ProfileError(f"{where}.clear: unknown field {name!r}")
+    state = r.get("state", dict, None)
+    if state is not None:
+        for name, value in state.items():
+            if name not in STATE_KEYS:
+                raise ProfileError(f"{where}.state: unknown field {name!r}")
+            if not isinstance(value, str):
+                raise ProfileError(f"{where}.state.{name}: expected an event field name")
+    when = r.get("when_status", list, None)
+    if when is not None:
+        for s in when:
+            if s not in STATUSES:
+                raise ProfileError(f"{where}.when_status: unknown status {s!r}")
+    rule = EventRule(
+        status=status,
+        last_error=r.get("last_error", str, None),
+        clear=clear,
+        add_pending=r.get("add_pending", str, None),
+        remove_pending=r.get("remove_pending", str, None),
+        state=state,
+        when_status=frozenset(when) if when is not None else None,
+    )
+    r.done()
+    return rule

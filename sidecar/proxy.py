@@ -1,0 +1,488 @@
+"""The reverse proxy: every request goes to the upstream; three kinds are watched.
+
+* **enrich** (gptme: ``GET /api/v2/conversations/{id}``): the upstream's 2xx
+  JSON answer is decoded, merged with the snapshot and re-encoded;
+* **trigger** (gptme: ``POST .../step``): before it is forwarded, the
+  resource's stream is made live, so no event of the work it starts can be
+  missed; its answer updates the snapshot before the client sees it;
+* **everything else**, WebSocket upgrades included, passes through: bodies
+  are streamed both ways, never buffered, and bytes are never altered.
+
+What this module adds to a message and what it removes is all in
+:func:`request_headers` and :func:`response_headers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from . import merge, reducer
+from .config import Settings
+from .profile import Profile, Trigger
+from .registry import Conversation, Registry
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger("sidecar.proxy")
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Request headers not forwarded: hop-by-hop, the Host (rewritten), and
+#: Expect (the sidecar answers ``100-continue`` itself, then streams).
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect"}
+_WEBSOCKET_DROP = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+#: Bodies up to this size on a trigger are read whole (then forwarded as they
+#: came) to learn the client's session id; larger ones just stream through.
+TRIGGER_BODY_PEEK = 64 * 1024
+_CHUNK = 64 * 1024
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    tokens = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def request_headers(
+    request: web.BaseRequest, upstream: URL, preserve_host: bool, via: str
+) -> CIMultiDict[str]:
+    """The headers sent upstream: the client's, less hop-by-hop, plus forwarding."""
+    drop = _REQUEST_DROP | _connection_tokens(request.headers)
+    out: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k.lower() not in drop
+    )
+    client_host = request.headers.get("Host")
+    if preserve_host and client_host:
+        out["Host"] = client_host
+    else:
+        out["Host"] = upstream.raw_authority
+    peer = request.remote or "unknown"
+    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    if client_host:
+        out["X-Forwarded-Host"] = client_host
+    out["Via"] = _append_via(request.headers.getall("Via", ()), request.version, via)
+    return out
+
+
+def response_headers(upstream: aiohttp.ClientResponse, version: Any, via: str) -> CIMultiDict[str]:
+    """The headers sent to the client: the upstream's, less hop-by-hop, plus Via."""
+    drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    out: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in upstream.headers.items() if k.lower() not in drop
+    )
+    out["Via"] = _append_via(upstream.headers.getall("Via", ()), version, via)
+    return out
+
+
+def _append_via(prior: Any, version: Any, via: str) -> str:
+    hop = f"{version.major}.{version.minor} {via}"
+    return ", ".join([*prior, hop])
+
+
+class PassthroughResponse(web.StreamResponse):
+    """A streamed response that sends the upstream's headers as they came.
+
+    aiohttp adds ``Server`` and a default ``Content-Type`` to every response;
+    a proxy must not invent either. (It does add ``Date`` when the upstream
+    sent none, as RFC 9110 asks of a forwarding recipient.)
+    """
+
+    def __init__(self, *, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self._absent = [h for h in ("Server", "Content-Type") if h not in headers]
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for name in self._absent:
+            self.headers.popall(name, None)
+
+
+def _json_error(status: int, message: str, **extra: Any) -> web.Response:
+    body = {"error": message, "source": "sidecar", **extra}
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json"
+    )
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        profile: Profile,
+        registry: Registry,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.registry = registry
+        self.session = session
+        self.upstream = URL(settings.upstream)
+        self._base_path = self.upstream.raw_path.rstrip("/")
+        self.via = "sidecar"
+        self._connect_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=None
+        )
+
+    # ------------------------------------------------------------ routing
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        target = request.raw_path
+        if not target.startswith("/"):
+            # An absolute-form target ("GET http://elsewhere/ HTTP/1.1"): only
+            # its path and query are used; the upstream is always the one set.
+            target = request.rel_url.raw_path_qs
+        path = target.partition("?")[0]
+        method = request.method
+        try:
+            if _is_websocket(request):
+                return await self._websocket(request, target)
+            matched = self.profile.match_trigger(method, path)
+            if matched is not None:
+                return await self._trigger(request, target, *matched)
+            resource_id = self.profile.match_enrich(method, path)
+            if resource_id is not None:
+                return await self._enrich(request, target, resource_id)
+            return await self._pass(request, target)
+        except UpstreamError as exc:
+            return _json_error(
+                exc.status, exc.message, upstream=str(self.upstream), method=method, path=path
+            )
+
+    # ------------------------------------------------------------- upstream
+    def _url(self, target: str) -> URL:
+        return URL(str(self.upstream.origin()) + self._base_path + target, encoded=True)
+
+    async def _send(
+        self,
+        request: web.Request,
+        target: str,
+        data: Any = None,
+        headers: CIMultiDict[str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request upstream; returns once response headers arrived."""
+        if headers is None:
+            headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+        if data is None and request.body_exists:
+            data = _stream_body(request)
+        try:
+            async with asyncio.timeout(self.settings.response_timeout):
+                return await self.session.request(
+                    request.method,
+                    self._url(target),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self._connect_timeout,
+                )
+        except TimeoutError:
+            raise UpstreamError(
+                504,
+                f"upstream sent no response headers within {self.settings.response_timeout:g} s",
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(502, f"upstream unreachable: {exc.os_error or exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes = b""
+    ) -> web.StreamResponse:
+        """Stream the upstream's response to the client, chunk by chunk."""
+        response = PassthroughResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=response_headers(upstream, request.version, self.via),
+        )
+        complete = False
+        try:
+            await response.prepare(request)
+            if first:
+                await response.write(first)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            complete = True
+            await response.write_eof()
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # The upstream broke off mid-body. Ending the response normally
+            # would tell the client it has it all: cut the connection instead.
+            log.info("upstream body cut off", extra={"reason": repr(exc)})
+            if request.transport is not None:
+                request.transport.close()
+        except ConnectionResetError:
+            pass  # the client left; the upstream response is closed below
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+        return response
+
+    # ------------------------------------------------------------ plain
+    async def _pass(self, request: web.Request, target: str) -> web.StreamResponse:
+        upstream = await self._send(request, target)
+        return await self._relay(request, upstream)
+
+    # ------------------------------------------------------------ trigger
+    async def _trigger(
+        self, request: web.Request, target: str, trigger: Trigger, resource_id: str
+    ) -> web.StreamResponse:
+        conv = self.registry.observe(resource_id, request.headers)
+        live = await self.registry.ensure_live(conv, self.settings.trigger_wait)
+        if not live:
+            log.warning(
+                "trigger forwarded before its stream was live",
+                extra={"resource": resource_id, "stream": conv.snapshot.stream},
+            )
+        data = None
+        length = request.content_length
+        if request.body_exists and length is not None and length <= TRIGGER_BODY_PEEK:
+            data = await request.read()  # forwarded exactly as received
+            session_id = _json_field(data, trigger.session_field)
+            if session_id is not None:
+                conv.set(reducer.learn_session(conv.snapshot, session_id))
+        token = reducer.trigger_token(conv.snapshot)
+        upstream = await self._send(request, target, data=data if data is not None else None)
+        now = time.time()
+        if 200 <= upstream.status < 300:
+            conv.set(reducer.accept_trigger(conv.snapshot, token, trigger, now))
+        elif upstream.status >= 500 and trigger.error_field:
+            body = await self._read_small(upstream)
+            if body is not None:
+                decoded = _decoded(body, upstream.headers.get("Content-Encoding", ""))
+                error = _json_field(decoded, trigger.error_field) if decoded else None
+                if error is not None:
+                    conv.set(reducer.fail_trigger(conv.snapshot, token, error, now))
+                return await self._relay(request, upstream, first=body)
+        return await self._relay(request, upstream)
+
+    async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes | None:
+        """The whole body if it is small and already bounded, else None."""
+        length = upstream.content_length
+        if length is None or length > TRIGGER_BODY_PEEK:
+            return None
+        return await upstream.content.readexactly(length) if length else b""
+
+    # ------------------------------------------------------------- enrich
+    async def _enrich(
+        self, request: web.Request, target: str, resource_id: str
+    ) -> web.StreamResponse:
+        conv = self.registry.observe(resource_id, request.headers)
+        headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+        for _attempt in range(2):
+            snap = conv.snapshot
+            inm = request.headers.get("If-None-Match")
+            if inm is not None:
+                translated = merge.translate_if_none_match(inm, snap)
+                if translated is None:
+                    headers.popall("If-None-Match", None)
+                else:
+                    headers["If-None-Match"] = translated
+            upstream = await self._send(request, target, headers=headers)
+            if upstream.status != 304:
+                return await self._merge_response(request, upstream, conv)
+            if conv.snapshot.digest == snap.digest:
+                return self._not_modified(request, upstream, conv)
+            # The snapshot changed while the upstream answered 304: ask again
+            # without the condition, so the client gets the new state.
+            upstream.release()
+            headers.popall("If-None-Match", None)
+        raise AssertionError("unreachable: the second attempt is unconditional")
+
+    def _not_modified(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
+    ) -> web.StreamResponse:
+        headers = response_headers(upstream, request.version, self.via)
+        etag = upstream.headers.get("ETag")
+        if etag:
+            headers["ETag"] = merge.merged_etag(etag, conv.snapshot)
+        upstream.release()
+        return web.Response(status=304, headers=headers)
+
+    async def _merge_response(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
+    ) -> web.StreamResponse:
+        encoding = upstream.headers.get("Content-Encoding", "")
+        cache_control = upstream.headers.get("Cache-Control", "").lower()
+        length = upstream.content_length
+        limit = self.settings.merge_limit
+        if (
+            not 200 <= upstream.status < 300
+            or upstream.status == 204
+            or not _is_json(upstream.content_type)
+            or "no-transform" in cache_control
+            or not merge.supported_encoding(encoding)
+            or (length is not None and length > limit)
+        ):
+            return await self._relay(request, upstream)
+        body = await _read_at_most(upstream, limit)
+        if len(body) > limit:  # a chunked body larger than the limit
+            return await self._relay(request, upstream, first=body)
+        try:
+            decoded = merge.decode_body(body, encoding, limit)
+            merged = merge.merge(decoded, self.profile.key, conv.snapshot)
+            out = merge.encode_body(merged, encoding)
+        except (merge.MergeError, OSError, ValueError) as exc:
+            log.info("body passed unmerged", extra={"reason": str(exc), "resource": conv.id})
+            return await self._relay(request, upstream, first=body)
+        headers = response_headers(upstream, request.version, self.via)
+        headers.popall("Content-Length", None)
+        headers.popall("Content-MD5", None)
+        etag = upstream.headers.get("ETag")
+        if etag:
+            headers["ETag"] = merge.merged_etag(etag, conv.snapshot)
+        upstream.release()
+        response = PassthroughResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response.content_length = len(out)
+        await response.prepare(request)
+        await response.write(out)
+        await response.write_eof()
+        return response
+
+    # ---------------------------------------------------------- websocket
+    async def _websocket(self, request: web.Request, target: str) -> web.StreamResponse:
+        headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+        for name in _WEBSOCKET_DROP:
+            headers.popall(name, None)
+        protocols = [
+            p.strip()
+            for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in v.split(",")
+            if p.strip()
+        ]
+        url = self._url(target)
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        try:
+            async with asyncio.timeout(self.settings.response_timeout):
+                upstream_ws = await self.session.ws_connect(
+                    url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            return _json_error(exc.status, f"upstream refused the WebSocket: {exc.message}")
+        except TimeoutError:
+            raise UpstreamError(504, "upstream did not accept the WebSocket in time") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(502, f"upstream unreachable: {exc.os_error or exc}") from None
+        client_ws = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            autoping=False,
+            max_msg_size=0,
+        )
+        await client_ws.prepare(request)
+
+        async def pump(src: Any, dst: Any) -> None:
+            async for msg in src:
+                if msg.type == WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                elif msg.type == WSMsgType.PING:
+                    await dst.ping(msg.data)
+                elif msg.type == WSMsgType.PONG:
+                    await dst.pong(msg.data)
+            await dst.close(code=src.close_code or 1000)
+
+        tasks = [
+            asyncio.create_task(pump(client_ws, upstream_ws)),
+            asyncio.create_task(pump(upstream_ws, client_ws)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await upstream_ws.close()
+            await client_ws.close()
+        return client_ws
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and "upgrade" in _connection_tokens(request.headers)
+    )
+
+
+async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+async def _read_at_most(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read the body, stopping once it is known to exceed ``limit``."""
+    parts = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(parts)
+
+
+def _decoded(body: bytes, encoding: str) -> bytes | None:
+    try:
+        return merge.decode_body(body, encoding, TRIGGER_BODY_PEEK * 16)
+    except (merge.MergeError, OSError, ValueError):
+        return None
+
+
+def _json_field(body: bytes, name: str | None) -> str | None:
+    if not name or not body:
+        return None
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = reducer.field_value(doc, name) if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,174 @@
+"""The reducer: ``(snapshot, input) -> snapshot``, pure and synchronous.
+
+Theory of operation
+-------------------
+Three kinds of input change a snapshot, and each has one function here:
+
+* an **event** from the upstream's stream (:func:`apply_event`), interpreted by
+  the profile's rule for its type;
+* a **trigger's answer** (:func:`accept_trigger`, :func:`fail_trigger`): the
+  upstream answered the request that starts work (gptme's ``POST .../step``);
+* the **stream's health** (:func:`stream_changed`), reported by the
+  subscription that feeds the events.
+
+Events are the truth; a trigger's answer is only a hint that may arrive late.
+So before forwarding a trigger the proxy takes :func:`trigger_token` (the
+snapshot's ``state_seq``), and the answer is applied only if no event changed
+the state since: gptme 0.35.1 can finish a whole step before ``/step``
+answers, and that answer must not turn "completed" back into "starting". A
+rejected trigger (4xx) changes nothing, so the previous state stands.
+
+Nothing here does I/O or reads a clock it was not given: every function is
+deterministic and testable in microseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from .profile import EventRule, Trigger
+from .snapshot import ACTIVE, STREAM_STATES, Snapshot
+
+__all__ = [
+    "accept_trigger",
+    "apply_event",
+    "fail_trigger",
+    "learn_session",
+    "stream_changed",
+    "trigger_token",
+]
+
+
+def field_value(event: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path in an event, or None."""
+    value: Any = event
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def apply_event(
+    snap: Snapshot, rule: EventRule, event: dict[str, Any], now: float
+) -> Snapshot:
+    """Apply one event's rule. Returns ``snap`` itself when nothing changed."""
+    if rule.when_status is not None and snap.status not in rule.when_status:
+        return snap
+    status = snap.status
+    last_error = snap.last_error
+    tools = snap.pending_tools
+
+    if rule.state is not None:
+        status, last_error, tools = _from_state_summary(snap, rule.state, event)
+    if "last_error" in rule.clear:
+        last_error = None
+    if "pending_tools" in rule.clear:
+        tools = ()
+    if rule.status is not None:
+        status = rule.status
+    if rule.last_error is not None:
+        value = field_value(event, rule.last_error)
+        last_error = _as_error(value) if value is not None else "unspecified error"
+    if rule.add_pending is not None:
+        tool_id = field_value(event, rule.add_pending)
+        if tool_id is not None:
+            info = {k: v for k, v in event.items() if k != "type"}
+            tools = tuple((k, v) for k, v in tools if k != str(tool_id)) + ((str(tool_id), info),)
+    if rule.remove_pending is not None:
+        tool_id = field_value(event, rule.remove_pending)
+        tools = tuple((k, v) for k, v in tools if k != str(tool_id))
+    if tools and status in ("idle", "completed"):
+        status = "awaiting_tool"  # a tool still waits, whatever else finished
+
+    if status == snap.status and last_error == snap.last_error and tools == snap.pending_tools:
+        return snap
+    return replace(
+        snap,
+        status=status,
+        last_error=last_error,
+        pending_tools=tools,
+        state_seq=snap.state_seq + 1,
+        **snap.touched(now),
+    )
+
+
+def _from_state_summary(
+    snap: Snapshot, fields: dict[str, str], event: dict[str, Any]
+) -> tuple[str, str | None, tuple[tuple[str, Any], ...]]:
+    """Read a summary such as gptme 0.35.1's ``connected`` event.
+
+    Only positive evidence counts: "generating", an error or a pending tool is
+    a fact about the conversation, while "not generating" may only describe a
+    brand-new observer session, so it leaves the status as it was.
+    """
+    status, last_error, tools = snap.status, snap.last_error, snap.pending_tools
+    raw_tools = field_value(event, fields["pending_tools"]) if "pending_tools" in fields else None
+    error = field_value(event, fields["last_error"]) if "last_error" in fields else None
+    generating = field_value(event, fields["generating"]) if "generating" in fields else None
+    if isinstance(raw_tools, dict):
+        raw_tools = [{"tool_id": k, **v} if isinstance(v, dict) else v for k, v in raw_tools.items()]
+    if isinstance(raw_tools, list) and raw_tools:
+        tools = tuple(
+            (str(t.get("tool_id", i)) if isinstance(t, dict) else str(i), t)
+            for i, t in enumerate(raw_tools)
+        )
+        status = "awaiting_tool"
+    elif generating is True:
+        status = "generating"
+    elif error:
+        status, last_error = "failed", _as_error(error)
+    return status, last_error, tools
+
+
+def _as_error(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("message"), str):
+        return str(value["message"])
+    return str(value)
+
+
+def trigger_token(snap: Snapshot) -> int:
+    """Taken before a trigger is forwarded; see the module docstring."""
+    return snap.state_seq
+
+
+def accept_trigger(snap: Snapshot, token: int, trigger: Trigger, now: float) -> Snapshot:
+    """The upstream answered 2xx: work was accepted."""
+    if trigger.on_accept is None or snap.state_seq != token:
+        return snap  # events already told us more than this answer can
+    return apply_event(snap, trigger.on_accept, {}, now)
+
+
+def fail_trigger(snap: Snapshot, token: int, error: str, now: float) -> Snapshot:
+    """The upstream answered the trigger with an error of the work itself."""
+    if snap.state_seq != token:
+        return snap
+    return replace(
+        snap,
+        status="failed",
+        last_error=error,
+        state_seq=snap.state_seq + 1,
+        **snap.touched(now),
+    )
+
+
+def learn_session(snap: Snapshot, session_id: str) -> Snapshot:
+    if snap.session_id == session_id:
+        return snap
+    return replace(snap, session_id=session_id, version=snap.version + 1)
+
+
+def stream_changed(snap: Snapshot, stream: str, now: float) -> Snapshot:
+    if stream not in STREAM_STATES:
+        raise ValueError(f"unknown stream state {stream!r}")
+    if snap.stream == stream:
+        return snap
+    return replace(snap, stream=stream, **snap.touched(now))
+
+
+def is_active(snap: Snapshot) -> bool:
+    """Work is in flight: the subscription must not be closed to save room."""
+    return snap.status in ACTIVE

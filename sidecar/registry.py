@@ -1,0 +1,240 @@
+"""The registry: every observed resource's snapshot and its subscription.
+
+It is the one place that owns mutable state. Events from subscriptions and
+answers from the proxy come in; the pure reducer computes the next snapshot;
+the registry stores it and wakes whoever waits for a change.
+
+Bounds: at most ``max_snapshots`` resources are remembered and at most
+``max_subscriptions`` streams are open. The least recently used ones go first,
+but a stream whose resource has work in flight is never closed to make room.
+A closed stream keeps its resource's last snapshot (so a ``last_error`` stays
+readable) until the snapshot itself is evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from . import reducer
+from .config import Settings
+from .profile import Profile
+from .snapshot import Snapshot
+from .sse import ServerSentEvent
+from .subscription import CREDENTIAL_HEADERS, Backoff, Subscription
+
+__all__ = ["Conversation", "Registry"]
+
+log = logging.getLogger("sidecar.registry")
+
+_SHARED = ""  # the subscription key of a profile's single shared stream
+
+
+class Conversation:
+    """One observed resource: its snapshot, and a way to wait for changes."""
+
+    __slots__ = ("_changed", "id", "last_used", "snapshot", "subscription")
+
+    def __init__(self, resource_id: str) -> None:
+        self.id = resource_id
+        self.snapshot = Snapshot()
+        self.subscription: Subscription | None = None
+        self.last_used = time.monotonic()
+        self._changed = asyncio.Event()
+
+    def set(self, snapshot: Snapshot) -> None:
+        if snapshot is self.snapshot:
+            return
+        self.snapshot = snapshot
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float) -> bool:
+        """Wait until the snapshot changes; False on timeout."""
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class Registry:
+    def __init__(
+        self, profile: Profile, settings: Settings, session: aiohttp.ClientSession
+    ) -> None:
+        self.profile = profile
+        self.settings = settings
+        self._session = session
+        self._upstream = URL(settings.upstream)
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        self._subscriptions: OrderedDict[str, Subscription] = OrderedDict()
+        self.stale_after = settings.stale_after or 3 * profile.heartbeat_seconds
+        #: Counters for operators: events by type, and what was skipped.
+        self.events_by_type: Counter[str] = Counter()
+        self.malformed_events = 0
+
+    # ------------------------------------------------------------ lookups
+    def get(self, resource_id: str) -> Conversation | None:
+        return self._conversations.get(resource_id)
+
+    def conversations(self) -> list[Conversation]:
+        return list(self._conversations.values())
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions.values())
+
+    # ----------------------------------------------------------- observing
+    def observe(self, resource_id: str, client_headers: Mapping[str, str]) -> Conversation:
+        """The resource's conversation, with its stream opened if needed."""
+        conv = self._remember(resource_id)
+        key = _SHARED if self.profile.shared_stream else resource_id
+        sub = self._subscriptions.get(key)
+        if sub is not None and sub.finished:
+            # Refused earlier (e.g. a 401): this client may be allowed.
+            del self._subscriptions[key]
+            sub = None
+        if sub is None:
+            sub = self._open(key, client_headers)
+        else:
+            self._subscriptions.move_to_end(key)
+        if sub is not None and not self.profile.shared_stream:
+            conv.subscription = sub
+        elif sub is None:
+            conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
+        return conv
+
+    async def ensure_live(self, conv: Conversation, timeout: float) -> bool:
+        key = _SHARED if self.profile.shared_stream else conv.id
+        sub = self._subscriptions.get(key)
+        return sub is not None and await sub.wait_live(timeout)
+
+    def update(self, conv: Conversation, snapshot: Snapshot) -> None:
+        conv.set(snapshot)
+
+    def _remember(self, resource_id: str) -> Conversation:
+        conv = self._conversations.get(resource_id)
+        if conv is None:
+            conv = self._conversations[resource_id] = Conversation(resource_id)
+            self._evict_snapshots()
+        else:
+            self._conversations.move_to_end(resource_id)
+        conv.last_used = time.monotonic()
+        return conv
+
+    def _evict_snapshots(self) -> None:
+        excess = len(self._conversations) - self.settings.max_snapshots
+        if excess <= 0:
+            return
+        for resource_id in list(self._conversations)[:-1]:  # never the newest
+            conv = self._conversations[resource_id]
+            if reducer.is_active(conv.snapshot):
+                continue
+            del self._conversations[resource_id]
+            sub = self._subscriptions.pop(resource_id, None)
+            if sub is not None:
+                asyncio.get_running_loop().create_task(sub.close())
+            excess -= 1
+            if excess == 0:
+                return
+
+    def _open(self, key: str, client_headers: Mapping[str, str]) -> Subscription | None:
+        if len(self._subscriptions) >= self.settings.max_subscriptions and not self._make_room():
+            log.warning("subscription cap reached", extra={"cap": self.settings.max_subscriptions})
+            return None
+        if self.settings.upstream_authorization:
+            credentials = {"Authorization": self.settings.upstream_authorization}
+        else:
+            credentials = {h: client_headers[h] for h in CREDENTIAL_HEADERS if h in client_headers}
+        path = self.profile.stream.build(key) if key else self.profile.stream.template
+        sub = Subscription(
+            key=key,
+            url=self._upstream.with_path(self._upstream.path.rstrip("/") + path, encoded=True),
+            session=self._session,
+            credentials=credentials,
+            on_event=self._on_event,
+            on_stream=self._on_stream,
+            stale_after=self.stale_after,
+            connect_timeout=self.settings.connect_timeout,
+            backoff=Backoff(self.settings.reconnect_min, self.settings.reconnect_max),
+            max_event_bytes=self.settings.max_event_bytes,
+        )
+        self._subscriptions[key] = sub
+        sub.start()
+        return sub
+
+    def _make_room(self) -> bool:
+        """Close the least recently used idle subscription, if there is one."""
+        for key, sub in self._subscriptions.items():
+            conv = self._conversations.get(key)
+            if conv is None or not reducer.is_active(conv.snapshot):
+                del self._subscriptions[key]
+                asyncio.get_running_loop().create_task(sub.close())
+                if conv is not None:
+                    conv.subscription = None
+                    conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
+                return True
+        return False
+
+    # ------------------------------------------------- from subscriptions
+    def _on_stream(self, sub: Subscription, stream: str) -> None:
+        now = time.time()
+        targets = self._conversations.values() if sub.key == _SHARED else [self.get(sub.key)]
+        for conv in targets:
+            if conv is not None:
+                conv.set(reducer.stream_changed(conv.snapshot, stream, now))
+
+    def _on_event(self, sub: Subscription, event: ServerSentEvent) -> None:
+        try:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            self.malformed_events += 1
+            log.debug("malformed event skipped", extra={"key": sub.key})
+            return
+        if not isinstance(data, dict):
+            self.malformed_events += 1
+            return
+        profile = self.profile
+        if profile.type_field == "@event":
+            event_type = event.event
+        else:
+            event_type = reducer.field_value(data, profile.type_field)
+            if not isinstance(event_type, str):
+                self.malformed_events += 1
+                return
+        self.events_by_type[event_type] += 1
+        rule = profile.events.get(event_type)
+        if rule is None:
+            return
+        if sub.key == _SHARED:
+            assert profile.id_field is not None
+            resource_id = reducer.field_value(data, profile.id_field)
+            if not isinstance(resource_id, str) or not profile.valid_id(resource_id):
+                return
+            conv = self._remember(resource_id)
+            if conv.snapshot.stream != sub.stream:
+                conv.set(reducer.stream_changed(conv.snapshot, sub.stream, time.time()))
+        else:
+            found = self.get(sub.key)
+            if found is None:
+                return
+            conv = found
+        conv.set(reducer.apply_event(conv.snapshot, rule, data, time.time()))
+
+    # ------------------------------------------------------------ closing
+    async def close(self) -> None:
+        subs = list(self._subscriptions.values())
+        self._subscriptions.clear()
+        await asyncio.gather(*(sub.close() for sub in subs), return_exceptions=True)
+        now = time.time()
+        for conv in self._conversations.values():
+            conv.subscription = None
+            conv.set(reducer.stream_changed(conv.snapshot, "lost", now))

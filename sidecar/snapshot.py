@@ -1,0 +1,143 @@
+"""The snapshot: what the sidecar knows about one resource, right now.
+
+A :class:`Snapshot` is immutable; the reducer (``sidecar.reducer``) makes a new
+one for every change, so a reader never sees a half-applied event, and the
+bytes merged into responses are serialised once per change, not per request.
+
+Every state is representable, "don't know" included:
+
+============== =============================================================
+status         meaning
+============== =============================================================
+unknown        nothing observed yet (first seen through a GET, or after a
+               restart of the sidecar): never reported as "idle"
+idle           observed: no work running and none pending
+starting       a trigger was accepted, no event of its work has arrived yet
+generating     the model is producing output
+awaiting_tool  blocked: a tool waits for a human's confirmation
+running_tool   a tool runs
+awaiting_input blocked: the upstream asked the user for structured input
+completed      the last piece of work finished successfully
+failed         the last piece of work failed; ``last_error`` says why
+interrupted    the work was stopped on request
+============== =============================================================
+
+``stream`` is the health of the sidecar's own subscription: ``connecting``
+(never live yet), ``live``, ``reconnecting`` (lost, trying again) or ``lost``
+(given up: the upstream refused the stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "ACTIVE",
+    "CLEARABLE",
+    "STATE_KEYS",
+    "STATUSES",
+    "STREAM_STATES",
+    "Snapshot",
+]
+
+STATUSES = (
+    "unknown",
+    "idle",
+    "starting",
+    "generating",
+    "awaiting_tool",
+    "running_tool",
+    "awaiting_input",
+    "completed",
+    "failed",
+    "interrupted",
+)
+#: Statuses in which work is running: ``generating`` is true.
+ACTIVE = frozenset({"starting", "generating", "running_tool"})
+STREAM_STATES = ("connecting", "live", "reconnecting", "lost")
+#: Fields a rule may reset with ``clear``.
+CLEARABLE = ("last_error", "pending_tools")
+#: Fields a ``state`` summary (gptme's ``connected`` event) may carry.
+STATE_KEYS = ("generating", "last_error", "pending_tools")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: str = "unknown"
+    last_error: str | None = None
+    #: (tool id, what the upstream said about it), in arrival order.
+    pending_tools: tuple[tuple[str, Any], ...] = ()
+    #: The client's session id, as reported when the upstream has no field.
+    session_id: str | None = None
+    stream: str = "connecting"
+    #: Wall-clock time of the last change, seconds since the epoch.
+    updated_at: float | None = None
+    #: Bumped by every change: what long-polls and ETags follow.
+    version: int = 0
+    #: Bumped only by changes of the work's state (status, error, tools), so
+    #: a trigger's late answer can tell whether events overtook it.
+    state_seq: int = 0
+
+    @property
+    def generating(self) -> bool | None:
+        if self.status == "unknown":
+            return None
+        return self.status in ACTIVE
+
+    def as_dict(self) -> dict[str, Any]:
+        """The object merged into responses under the profile's key."""
+        return {
+            "id": self.session_id,
+            "generating": self.generating,
+            "last_error": self.last_error,
+            "status": self.status,
+            "pending_tools": [tool for _, tool in self.pending_tools],
+            "updated_at": _iso(self.updated_at),
+            "stream": self.stream,
+        }
+
+    def observed(self) -> dict[str, Any]:
+        """Only the fields the sidecar vouches for.
+
+        These override the upstream's own values when both exist. While the
+        status is unknown the sidecar has not seen ``generating`` or
+        ``last_error``, so the upstream's values, if any, are left alone.
+        """
+        full = self.as_dict()
+        if self.session_id is None:
+            del full["id"]
+        if self.status == "unknown":
+            del full["generating"], full["last_error"]
+            if not self.pending_tools:
+                del full["pending_tools"]
+        return full
+
+    @cached_property
+    def body(self) -> bytes:
+        """``as_dict()`` serialised once for this snapshot."""
+        return orjson.dumps(self.as_dict())
+
+    @cached_property
+    def digest(self) -> str:
+        """A short content hash: the snapshot's part of a merged ETag."""
+        return hashlib.blake2b(self.body, digest_size=8).hexdigest()
+
+    def touched(self, now: float | None = None) -> dict[str, Any]:
+        """Fields for ``dataclasses.replace`` that every change sets."""
+        return {
+            "updated_at": time.time() if now is None else now,
+            "version": self.version + 1,
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
