@@ -223,7 +223,9 @@ class FakeGptme:
         if self.modern:
             sessions = [s for s in self.sessions.values() if s.conversation == cid]
             if sessions:
-                newest = max(sessions, key=lambda s: s.activity)
+                # Every event touches every session, so on a tie the newest
+                # session (an observer) is the one reported, as in 0.35.1.
+                newest = max(reversed(sessions), key=lambda s: s.activity)
                 body["session"] = {
                     "id": newest.id,
                     "generating": newest.generating,

@@ -23,6 +23,7 @@ changed.
 from __future__ import annotations
 
 import gzip
+import json
 import re
 import zlib
 from typing import Any
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 _WS = b" \t\r\n"
+#: Digit runs that may be an integer beyond 64 bits (or only look like one).
+_LONG_DIGITS = re.compile(rb"\d{19}")
 
 
 class MergeError(ValueError):
@@ -62,14 +65,28 @@ def merge(body: bytes, key: str, snap: Snapshot) -> bytes:
         rest = body[start + 1 :]
         sep = b"" if rest.lstrip(_WS)[:1] == b"}" else b","
         return b"".join((body[:start], b"{", needle, b":", snap.body, sep, rest))
+    if _LONG_DIGITS.search(body):
+        return _merge_slowly(body, key, snap)  # orjson would turn big integers into floats
     try:
         doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise MergeError(f"body is not valid JSON: {exc}") from exc
+    except orjson.JSONDecodeError:
+        return _merge_slowly(body, key, snap)
     if not isinstance(doc, dict):
         raise MergeError("body is not a JSON object")
     doc[key] = merge_object(doc.get(key), snap)
     return orjson.dumps(doc)
+
+
+def _merge_slowly(body: bytes, key: str, snap: Snapshot) -> bytes:
+    """The standard library's parser: it also takes integers beyond 64 bits."""
+    try:
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise MergeError("body is not a JSON object")
+        doc[key] = merge_object(doc.get(key), snap)
+        return json.dumps(doc, ensure_ascii=False, allow_nan=False).encode()
+    except (ValueError, RecursionError) as exc:
+        raise MergeError(f"body is not valid JSON: {exc}") from exc
 
 
 def merge_object(upstream: Any, snap: Snapshot) -> dict[str, Any]:

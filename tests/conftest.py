@@ -1,0 +1,141 @@
+"""Fixtures: real upstreams and a real sidecar, each on a loopback socket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from sidecar.app import REGISTRY, create_app
+from sidecar.config import Settings
+from sidecar.fake import FakeGptme
+from sidecar.registry import Registry
+
+Start = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Start]:
+    """Start an aiohttp app on 127.0.0.1; everything is closed at the end."""
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application, port: int | None = None) -> TestServer:
+        server = TestServer(app, host="127.0.0.1", port=port)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+class Sidecar:
+    """A running sidecar and what tests need from it."""
+
+    def __init__(self, server: TestServer) -> None:
+        self.server = server
+        self.url = str(server.make_url("")).rstrip("/")
+
+    @property
+    def registry(self) -> Registry:
+        return self.server.app[REGISTRY]
+
+    def snapshot(self, resource_id: str) -> Any:
+        conv = self.registry.get(resource_id)
+        return conv.snapshot if conv else None
+
+
+@pytest.fixture
+def start_sidecar(serve: Start) -> Callable[..., Awaitable[Sidecar]]:
+    async def start(upstream: str, **overrides: Any) -> Sidecar:
+        settings = Settings(**{"upstream": upstream, "reconnect_min": 0.05, "reconnect_max": 0.2, **overrides})
+        return Sidecar(await serve(create_app(settings)))
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+class Gptme:
+    """A fake gptme upstream with the sidecar in front, and a client for both."""
+
+    def __init__(self, fake: FakeGptme, upstream: str, sidecar: Sidecar, http: aiohttp.ClientSession) -> None:
+        self.fake = fake
+        self.upstream = upstream
+        self.sidecar = sidecar
+        self.http = http
+        self.headers: dict[str, str] = {}
+
+    def url(self, path: str, direct: bool = False) -> str:
+        return (self.upstream if direct else self.sidecar.url) + path
+
+    async def create(self, cid: str, direct: bool = False) -> str:
+        async with self.http.put(
+            self.url(f"/api/v2/conversations/{cid}", direct),
+            json={"prompt": "p", "messages": [{"role": "user", "content": "hello"}]},
+            headers=self.headers,
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return str((await resp.json())["session_id"])
+
+    async def step(self, cid: str, session_id: str, direct: bool = False) -> aiohttp.ClientResponse:
+        async with self.http.post(
+            self.url(f"/api/v2/conversations/{cid}/step", direct),
+            json={"session_id": session_id},
+            headers=self.headers,
+        ) as resp:
+            await resp.read()
+            return resp
+
+    async def get(self, cid: str, direct: bool = False, **kwargs: Any) -> dict[str, Any]:
+        async with self.http.get(
+            self.url(f"/api/v2/conversations/{cid}", direct), headers=self.headers, **kwargs
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            return dict(await resp.json())
+
+    async def session(self, cid: str) -> dict[str, Any]:
+        return dict((await self.get(cid))["session"])
+
+    async def wait_status(self, cid: str, status: str, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            session = await self.session(cid)
+            if session["status"] == status:
+                return session
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"status stayed {session['status']!r}, wanted {status!r}: {session}")
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def gptme(serve: Start, start_sidecar: Callable[..., Awaitable[Sidecar]], http: aiohttp.ClientSession):
+    async def start(version: str = "0.31.0", sidecar_options: dict[str, Any] | None = None, **fake_options: Any) -> Gptme:
+        fake = FakeGptme(version, **fake_options)
+        upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
+        sidecar = await start_sidecar(upstream, **(sidecar_options or {}))
+        return Gptme(fake, upstream, sidecar, http)
+
+    return start
