@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the proxy (the default command)")
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
     for p in (serve, config):
-        p.add_argument("--config", metavar="FILE", help="a TOML file of options (or SIDECAR_CONFIG)")
+        p.add_argument(
+            "--config", metavar="FILE", help="a TOML file of options (or SIDECAR_CONFIG)"
+        )
         for option in OPTIONS:
             flag = "--" + option.name.replace("_", "-")
             if option.kind is bool:
@@ -78,9 +80,15 @@ def _parser() -> argparse.ArgumentParser:
                     flag, dest=option.name, action=argparse.BooleanOptionalAction, help=option.help
                 )
             else:
-                p.add_argument(flag, dest=option.name, metavar=option.kind.__name__.upper(),
-                               help=f"{option.help} (default: {option.default})")
-    demo = sub.add_parser("demo", help="run the built-in demo: a fake gptme with the sidecar in front")
+                p.add_argument(
+                    flag,
+                    dest=option.name,
+                    metavar=option.kind.__name__.upper(),
+                    help=f"{option.help} (default: {option.default})",
+                )
+    demo = sub.add_parser(
+        "demo", help="run the built-in demo: a fake gptme with the sidecar in front"
+    )
     demo.add_argument("--serve", action="store_true", help="keep both servers up after the script")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=0, help="the sidecar's port (default: any free)")

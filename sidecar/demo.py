@@ -81,22 +81,30 @@ async def run_demo(host: str = "127.0.0.1", port: int = 0, serve: bool = False) 
         async with aiohttp.ClientSession() as http:
             direct_status = await _start_step(http, upstream, "demo-direct")
             via_status = await _start_step(http, sidecar, "demo-sidecar")
-            print(f"POST .../step answered {direct_status} direct, {via_status} via sidecar.", file=out)
+            print(
+                f"POST .../step answered {direct_status} direct, {via_status} via sidecar.",
+                file=out,
+            )
             print("Now a REST-only client polls GET /api/v2/conversations/{id}:\n", file=out)
             print(f"{'t':>5}  {'direct to the upstream':<42} through the sidecar", file=out)
             final: dict[str, Any] = {}
             for i in range(POLLS):
-                direct = await (await http.get(f"{upstream}/api/v2/conversations/demo-direct")).json()
-                final = await (await http.get(f"{sidecar}/api/v2/conversations/demo-sidecar")).json()
-                print(
-                    f"{i * POLL_INTERVAL:>4.1f}s  {_direct_view(direct, 1):<42} {_sidecar_view(final)}",
-                    file=out,
-                )
+                direct = await (
+                    await http.get(f"{upstream}/api/v2/conversations/demo-direct")
+                ).json()
+                final = await (
+                    await http.get(f"{sidecar}/api/v2/conversations/demo-sidecar")
+                ).json()
+                seen = f"{_direct_view(direct, 1):<42} {_sidecar_view(final)}"
+                print(f"{i * POLL_INTERVAL:>4.1f}s  {seen}", file=out)
                 await asyncio.sleep(POLL_INTERVAL)
             session = final.get("session", {})
             print("", file=out)
             if session.get("status") == "failed":
-                print("Direct, the poller spins forever: the error went out on a stream nobody read.", file=out)
+                print(
+                    "Direct, the poller spins forever: the error went out on a stream nobody read.",
+                    file=out,
+                )
                 print("Through the sidecar it reads the failure as state:", file=out)
                 print(f"  session.last_error = {session.get('last_error')!r}", file=out)
                 ok = True

@@ -47,9 +47,11 @@ __all__ = [
     "translate_if_none_match",
 ]
 
-_WS = b" \t\r\n"
-#: Digit runs that may be an integer beyond 64 bits (or only look like one).
-_LONG_DIGITS = re.compile(rb"\d{19}")
+#: The opening brace of a JSON object and the first byte after it.
+_OPENING = re.compile(rb"[ \t\r\n]*(\{)[ \t\r\n]*(.?)", re.S)
+#: Maps every digit to b"0" and every other byte to b"x": a fast way to find
+#: digit runs long enough to be an integer beyond 64 bits.
+_DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
 
 
 class MergeError(ValueError):
@@ -58,14 +60,15 @@ class MergeError(ValueError):
 
 def merge(body: bytes, key: str, snap: Snapshot) -> bytes:
     needle = orjson.dumps(key)
-    start = len(body) - len(body.lstrip(_WS))
-    if body[start : start + 1] != b"{":
+    opening = _OPENING.match(body)
+    if opening is None:
         raise MergeError("body is not a JSON object")
     if needle not in body:
-        rest = body[start + 1 :]
-        sep = b"" if rest.lstrip(_WS)[:1] == b"}" else b","
-        return b"".join((body[:start], b"{", needle, b":", snap.body, sep, rest))
-    if _LONG_DIGITS.search(body):
+        brace = opening.start(1)
+        sep = b"" if opening.group(2) == b"}" else b","  # "{}" stays valid
+        rest = memoryview(body)[brace + 1 :]  # no copy: joined once below
+        return b"".join((body[:brace], b"{", needle, b":", snap.body, sep, rest))
+    if _has_long_digit_run(body):
         return _merge_slowly(body, key, snap)  # orjson would turn big integers into floats
     try:
         doc = orjson.loads(body)
@@ -75,6 +78,11 @@ def merge(body: bytes, key: str, snap: Snapshot) -> bytes:
         raise MergeError("body is not a JSON object")
     doc[key] = merge_object(doc.get(key), snap)
     return orjson.dumps(doc)
+
+
+def _has_long_digit_run(body: bytes) -> bool:
+    """True if 19 digits follow each other: possibly an integer beyond 64 bits."""
+    return body.translate(_DIGITS_TO_ZERO).find(b"0" * 19) >= 0
 
 
 def _merge_slowly(body: bytes, key: str, snap: Snapshot) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from .snapshot import CLEARABLE, STATUSES, STATE_KEYS
+from .snapshot import CLEARABLE, STATE_KEYS, STATUSES
 
 __all__ = [
     "BUILTIN_PROFILES",

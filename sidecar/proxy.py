@@ -76,7 +76,7 @@ class UpstreamError(Exception):
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    tokens = set()
+    tokens: set[str] = set()
     for value in headers.getall("Connection", ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
@@ -140,9 +140,7 @@ class PassthroughResponse(web.StreamResponse):
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
     body = {"error": message, "source": "sidecar", **extra}
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json"
-    )
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
 def _is_json(content_type: str) -> bool:
@@ -375,7 +373,9 @@ class Proxy:
         if etag:
             headers["ETag"] = merge.merged_etag(etag, conv.snapshot)
         upstream.release()
-        response = PassthroughResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = PassthroughResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
         response.content_length = len(out)
         await response.prepare(request)
         await response.write(out)

@@ -50,9 +50,7 @@ def field_value(event: dict[str, Any], path: str) -> Any:
     return value
 
 
-def apply_event(
-    snap: Snapshot, rule: EventRule, event: dict[str, Any], now: float
-) -> Snapshot:
+def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: float) -> Snapshot:
     """Apply one event's rule. Returns ``snap`` itself when nothing changed."""
     if rule.when_status is not None and snap.status not in rule.when_status:
         return snap
@@ -75,7 +73,7 @@ def apply_event(
         tool_id = field_value(event, rule.add_pending)
         if tool_id is not None:
             info = {k: v for k, v in event.items() if k != "type"}
-            tools = tuple((k, v) for k, v in tools if k != str(tool_id)) + ((str(tool_id), info),)
+            tools = (*((k, v) for k, v in tools if k != str(tool_id)), (str(tool_id), info))
     if rule.remove_pending is not None:
         tool_id = field_value(event, rule.remove_pending)
         tools = tuple((k, v) for k, v in tools if k != str(tool_id))
@@ -108,7 +106,9 @@ def _from_state_summary(
     error = field_value(event, fields["last_error"]) if "last_error" in fields else None
     generating = field_value(event, fields["generating"]) if "generating" in fields else None
     if isinstance(raw_tools, dict):
-        raw_tools = [{"tool_id": k, **v} if isinstance(v, dict) else v for k, v in raw_tools.items()]
+        raw_tools = [
+            {"tool_id": k, **v} if isinstance(v, dict) else v for k, v in raw_tools.items()
+        ]
     if isinstance(raw_tools, list) and raw_tools:
         tools = tuple(
             (str(t.get("tool_id", i)) if isinstance(t, dict) else str(i), t)

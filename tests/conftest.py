@@ -54,7 +54,9 @@ class Sidecar:
 @pytest.fixture
 def start_sidecar(serve: Start) -> Callable[..., Awaitable[Sidecar]]:
     async def start(upstream: str, **overrides: Any) -> Sidecar:
-        settings = Settings(**{"upstream": upstream, "reconnect_min": 0.05, "reconnect_max": 0.2, **overrides})
+        settings = Settings(
+            **{"upstream": upstream, "reconnect_min": 0.05, "reconnect_max": 0.2, **overrides}
+        )
         return Sidecar(await serve(create_app(settings)))
 
     return start
@@ -81,7 +83,9 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0, interval: f
 class Gptme:
     """A fake gptme upstream with the sidecar in front, and a client for both."""
 
-    def __init__(self, fake: FakeGptme, upstream: str, sidecar: Sidecar, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, fake: FakeGptme, upstream: str, sidecar: Sidecar, http: aiohttp.ClientSession
+    ) -> None:
         self.fake = fake
         self.upstream = upstream
         self.sidecar = sidecar
@@ -126,13 +130,19 @@ class Gptme:
             if session["status"] == status:
                 return session
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"status stayed {session['status']!r}, wanted {status!r}: {session}")
+                raise AssertionError(
+                    f"status stayed {session['status']!r}, wanted {status!r}: {session}"
+                )
             await asyncio.sleep(0.02)
 
 
 @pytest.fixture
-def gptme(serve: Start, start_sidecar: Callable[..., Awaitable[Sidecar]], http: aiohttp.ClientSession):
-    async def start(version: str = "0.31.0", sidecar_options: dict[str, Any] | None = None, **fake_options: Any) -> Gptme:
+def gptme(
+    serve: Start, start_sidecar: Callable[..., Awaitable[Sidecar]], http: aiohttp.ClientSession
+):
+    async def start(
+        version: str = "0.31.0", sidecar_options: dict[str, Any] | None = None, **fake_options: Any
+    ) -> Gptme:
         fake = FakeGptme(version, **fake_options)
         upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
         sidecar = await start_sidecar(upstream, **(sidecar_options or {}))

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from sidecar import merge
 from sidecar.snapshot import Snapshot
 
-FAILED = Snapshot(status="failed", last_error="bad key", stream="live", updated_at=1.0, version=3, state_seq=2)
+FAILED = Snapshot(
+    status="failed", last_error="bad key", stream="live", updated_at=1.0, version=3, state_seq=2
+)
 
 
 def test_insert_when_key_absent_keeps_every_upstream_byte() -> None:
@@ -27,8 +29,9 @@ def test_insert_when_key_absent_keeps_every_upstream_byte() -> None:
     assert doc["log"] == [{"role": "user", "content": "hi"}]
 
 
-def test_insert_into_empty_object_and_leading_whitespace() -> None:
-    assert orjson.loads(merge.merge(b"  {  }", "session", FAILED)) == {"session": FAILED.as_dict()}
+@pytest.mark.parametrize("body", [b"{}", b"  {  }", b"{" + b" " * 100 + b"}", b"\n{\r\n\t}\n"])
+def test_insert_into_empty_objects_whatever_the_whitespace(body: bytes) -> None:
+    assert orjson.loads(merge.merge(body, "session", FAILED)) == {"session": FAILED.as_dict()}
 
 
 def test_key_in_a_message_text_is_not_mistaken_for_the_field() -> None:
@@ -38,7 +41,9 @@ def test_key_in_a_message_text_is_not_mistaken_for_the_field() -> None:
 
 
 def test_observed_fields_win_over_upstream_session_other_keys_kept() -> None:
-    body = orjson.dumps({"id": "c", "session": {"id": "s1", "generating": False, "last_error": None, "extra": 1}})
+    body = orjson.dumps(
+        {"id": "c", "session": {"id": "s1", "generating": False, "last_error": None, "extra": 1}}
+    )
     doc = orjson.loads(merge.merge(body, "session", FAILED))
     assert doc["session"]["last_error"] == "bad key"
     assert doc["session"]["generating"] is False
@@ -68,11 +73,20 @@ def test_non_object_bodies_are_refused() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.text(max_size=8), st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=8,
-), max_size=6))
+@given(
+    st.dictionaries(
+        st.text(max_size=8),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        max_size=6,
+    )
+)
 def test_merge_output_is_json_with_upstream_keys_intact(doc: dict) -> None:
     # The standard library's json is the reference: it takes any integer.
     out = json.loads(merge.merge(json.dumps(doc).encode(), "session", FAILED))

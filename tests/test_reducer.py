@@ -36,12 +36,16 @@ def test_first_seen_is_unknown_never_idle() -> None:
 
 
 def test_error_event_fails_the_step_with_its_message(gptme: Profile) -> None:
-    snap = feed(gptme, Snapshot(), {"type": "generation_started"}, {"type": "error", "error": "boom"})
+    snap = feed(
+        gptme, Snapshot(), {"type": "generation_started"}, {"type": "error", "error": "boom"}
+    )
     assert (snap.status, snap.generating, snap.last_error) == ("failed", False, "boom")
 
 
 def test_a_new_generation_clears_the_last_error(gptme: Profile) -> None:
-    snap = feed(gptme, Snapshot(), {"type": "error", "error": "boom"}, {"type": "generation_started"})
+    snap = feed(
+        gptme, Snapshot(), {"type": "error", "error": "boom"}, {"type": "generation_started"}
+    )
     assert (snap.status, snap.last_error) == ("generating", None)
 
 
@@ -62,7 +66,12 @@ def test_tool_lifecycle(gptme: Profile) -> None:
         Snapshot(),
         {"type": "generation_started"},
         {"type": "generation_complete", "message": {}},
-        {"type": "tool_pending", "tool_id": "t1", "tooluse": {"tool": "shell"}, "auto_confirm": False},
+        {
+            "type": "tool_pending",
+            "tool_id": "t1",
+            "tooluse": {"tool": "shell"},
+            "auto_confirm": False,
+        },
     )
     assert (snap.status, snap.generating) == ("awaiting_tool", False)
     assert snap.as_dict()["pending_tools"] == [
@@ -88,7 +97,9 @@ def test_a_second_pending_tool_keeps_the_status_awaiting(gptme: Profile) -> None
 
 
 def test_interrupt_clears_pending_tools(gptme: Profile) -> None:
-    snap = feed(gptme, Snapshot(), {"type": "tool_pending", "tool_id": "a"}, {"type": "interrupted"})
+    snap = feed(
+        gptme, Snapshot(), {"type": "tool_pending", "tool_id": "a"}, {"type": "interrupted"}
+    )
     assert (snap.status, snap.pending_tools) == ("interrupted", ())
 
 
@@ -99,7 +110,13 @@ def test_connected_with_no_state_fields_stays_unknown(gptme: Profile) -> None:
 
 def test_connected_not_generating_proves_nothing(gptme: Profile) -> None:
     # gptme 0.35.1 describes the new observer session, not the conversation.
-    event = {"type": "connected", "session_id": "s", "generating": False, "last_error": None, "pending_tools": []}
+    event = {
+        "type": "connected",
+        "session_id": "s",
+        "generating": False,
+        "last_error": None,
+        "pending_tools": [],
+    }
     assert feed(gptme, Snapshot(), event).status == "unknown"
 
 
@@ -111,8 +128,16 @@ def test_connected_not_generating_proves_nothing(gptme: Profile) -> None:
         ({"pending_tools": [{"tool_id": "t", "tooluse": {}}]}, "awaiting_tool"),
     ],
 )
-def test_connected_with_positive_evidence_is_used_while_unknown(gptme: Profile, fields: dict, status: str) -> None:
-    event = {"type": "connected", "session_id": "s", "generating": False, "last_error": None, "pending_tools": []}
+def test_connected_with_positive_evidence_is_used_while_unknown(
+    gptme: Profile, fields: dict, status: str
+) -> None:
+    event = {
+        "type": "connected",
+        "session_id": "s",
+        "generating": False,
+        "last_error": None,
+        "pending_tools": [],
+    }
     snap = feed(gptme, Snapshot(), {**event, **fields})
     assert snap.status == status
 

@@ -80,8 +80,13 @@ def test_id_without_data_still_updates_last_event_id() -> None:
 
 @pytest.mark.parametrize(
     ("line", "expected"),
-    [(b"retry: 3000", 3000), (b"retry: 30s", None), (b"retry: -1", None), (b"retry:", None),
-     (b"retry: \xd9\xa3", None)],  # an Arabic-Indic digit is not an ASCII digit
+    [
+        (b"retry: 3000", 3000),
+        (b"retry: 30s", None),
+        (b"retry: -1", None),
+        (b"retry:", None),
+        (b"retry: \xd9\xa3", None),
+    ],  # an Arabic-Indic digit is not an ASCII digit
 )
 def test_retry_accepts_ascii_digits_only(line: bytes, expected: int | None) -> None:
     decoder = EventDecoder()
@@ -144,7 +149,10 @@ def test_ten_mebibyte_line_keeps_memory_bounded() -> None:
 
 _lines = st.lists(
     st.one_of(
-        st.builds(lambda s: b"data: " + s, st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))),
+        st.builds(
+            lambda s: b"data: " + s,
+            st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+        ),
         st.sampled_from([b"", b": comment", b"event: x", b"id: 1", b"retry: 10", b"data"]),
     ),
     max_size=30,
@@ -152,9 +160,14 @@ _lines = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(lines=_lines, ends=st.lists(st.sampled_from([b"\n", b"\r", b"\r\n"]), min_size=30, max_size=30),
-       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
-def test_any_chunking_yields_the_same_events(lines: list[bytes], ends: list[bytes], cuts: list[int]) -> None:
+@given(
+    lines=_lines,
+    ends=st.lists(st.sampled_from([b"\n", b"\r", b"\r\n"]), min_size=30, max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+)
+def test_any_chunking_yields_the_same_events(
+    lines: list[bytes], ends: list[bytes], cuts: list[int]
+) -> None:
     stream = b"".join(line + end for line, end in zip(lines, ends, strict=False))
     whole = decode(stream)
     points = sorted({c for c in cuts if c < len(stream)})

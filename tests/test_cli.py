@@ -1,0 +1,134 @@
+"""The `sidecar` command as other tools use it: a real process on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from sidecar.fake import FakeGptme, Outcome
+
+SIDECAR = [sys.executable, "-m", "sidecar"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    return subprocess.run(
+        [*SIDECAR, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+    )
+
+
+async def test_upstream_host_port_serves_with_the_gptme_profile(serve) -> None:
+    fake = FakeGptme("0.31.0", outcome=Outcome(kind="error", start_delay=0.1))
+    upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *SIDECAR,
+        "--upstream",
+        upstream,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(base + "/api/v2") as resp:
+                        assert (await resp.json())["message"] == "gptme v2 API"
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the sidecar never started listening")
+            async with http.put(base + "/api/v2/conversations/c1", json={"messages": []}) as resp:
+                sid = (await resp.json())["session_id"]
+            async with http.post(
+                base + "/api/v2/conversations/c1/step", json={"session_id": sid}
+            ) as resp:
+                assert resp.status == 200
+            for _ in range(100):
+                async with http.get(base + "/api/v2/conversations/c1") as resp:
+                    session = (await resp.json())["session"]
+                if session["status"] == "failed":
+                    break
+                await asyncio.sleep(0.05)
+            assert session["last_error"].startswith("Error code: 401")
+    finally:
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    first = json.loads(out.decode().splitlines()[0])
+    assert first["event"] == "listening" and first["port"] == port
+
+
+def test_config_merges_file_env_and_flags_and_masks_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text('upstream = "http://127.0.0.1:1"\nport = 9000\ntrigger_wait = 1\n')
+    result = run(
+        "config",
+        "--config",
+        str(config),
+        "--port",
+        "9100",
+        env={
+            "SIDECAR_PORT": "9050",
+            "SIDECAR_TRIGGER_WAIT": "3.5",
+            "SIDECAR_UPSTREAM_AUTHORIZATION": "Bearer x",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["port"] == 9100  # flag over environment over file
+    assert shown["trigger_wait"] == 3.5  # environment over file
+    assert shown["upstream"] == "http://127.0.0.1:1"
+    assert shown["upstream_authorization"] == "***"
+
+
+def test_a_bad_setting_stops_with_one_line_naming_it(tmp_path: Path) -> None:
+    cases = [
+        (["--upstream", "ftp://x"], "upstream"),
+        (["--upstream", "http://x", "--port", "99999"], "port"),
+        (["--upstream", "http://x", "--profile", str(tmp_path / "missing.toml")], "missing.toml"),
+        ([], "upstream: missing"),
+    ]
+    for args, named in cases:
+        result = run(*args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('upstream = "http://x"\nportt = 1\n')
+    result = run("--config", str(bad))
+    assert result.returncode == 2 and "portt: unknown key" in result.stderr
+    result = run("--upstream", "http://x", env={"SIDECAR_TIMEOUTT": "1"})
+    assert result.returncode == 2 and "SIDECAR_TIMEOUTT" in result.stderr
+
+
+def test_the_demo_shows_the_silent_failure_and_the_fix() -> None:
+    result = run("demo")
+    assert result.returncode == 0, result.stderr
+    assert "still working?" in result.stdout
+    assert "status=failed" in result.stdout
+    assert "listens on http://127.0.0.1:" in result.stdout
