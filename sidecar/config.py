@@ -104,6 +104,20 @@ OPTIONS: tuple[Option, ...] = (
         "seconds of stream silence taken as a dead connection (default: 3 heartbeats)",
         _positive,
     ),
+    Option(
+        "start_timeout",
+        float,
+        30.0,
+        "seconds an accepted step may show no event before it is reported failed",
+        _positive,
+    ),
+    Option(
+        "confirm_timeout",
+        float,
+        5.0,
+        "seconds after a lost stream is back for a step in flight to show an event",
+        _positive,
+    ),
     Option("reconnect_min", float, 0.5, "first reconnect delay, seconds", _positive),
     Option("reconnect_max", float, 30.0, "reconnect delay cap, seconds", _positive),
     Option("max_subscriptions", int, 1000, "live upstream subscriptions at most", _count),
@@ -127,6 +141,8 @@ class Settings:
     response_timeout: float = 60.0
     trigger_wait: float = 2.0
     stale_after: float | None = None
+    start_timeout: float = 30.0
+    confirm_timeout: float = 5.0
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     max_subscriptions: int = 1000

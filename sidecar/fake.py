@@ -172,7 +172,11 @@ class FakeGptme:
                     return self._json(request, {"error": "Unauthorized"}, 401)
             return await handler(request)
 
+        async def end_streams(app: web.Application) -> None:
+            self.drop_streams()  # on shutdown, streams end instead of holding it up
+
         app = web.Application(middlewares=[gate])
+        app.on_shutdown.append(end_streams)
         conv = "/api/v2/conversations/{id}"
         app.router.add_get("/api/v2", self._root)
         app.router.add_put(conv, self._create)

@@ -113,6 +113,8 @@ class Profile:
     heartbeat_seconds: float
     type_field: str  # dotted path into the event's JSON, or "@event"
     id_field: str | None  # for a shared stream: where an event names its resource
+    #: Event types that prove the stream is alive but say nothing of the work.
+    keepalive_events: frozenset[str]
     enrich_method: str
     enrich: PathTemplate
     key: str
@@ -215,6 +217,9 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         raise ProfileError("stream.heartbeat_seconds: must be positive")
     type_field = st.get("type_field", str, "type")
     id_field = st.get("id_field", str, None)
+    keepalive = st.get("keepalive_events", list, [])
+    if not all(isinstance(k, str) for k in keepalive):
+        raise ProfileError("stream.keepalive_events: expected a list of event types")
     if not stream.has_id and id_field is None:
         raise ProfileError("stream.id_field: required when stream.path has no {id}")
     st.done()
@@ -258,6 +263,7 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         heartbeat_seconds=heartbeat,
         type_field=type_field,
         id_field=id_field,
+        keepalive_events=frozenset(keepalive),
         enrich_method=enrich_method,
         enrich=enrich,
         key=key,

@@ -286,7 +286,7 @@ class Proxy:
         upstream = await self._send(request, target, data=data if data is not None else None)
         now = time.time()
         if 200 <= upstream.status < 300:
-            conv.set(reducer.accept_trigger(conv.snapshot, token, trigger, now))
+            self.registry.accept_trigger(conv, token, trigger)
         elif upstream.status >= 500 and trigger.error_field:
             body = await self._read_small(upstream)
             if body is not None:

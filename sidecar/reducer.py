@@ -9,7 +9,11 @@ Three kinds of input change a snapshot, and each has one function here:
 * a **trigger's answer** (:func:`accept_trigger`, :func:`fail_trigger`): the
   upstream answered the request that starts work (gptme's ``POST .../step``);
 * the **stream's health** (:func:`stream_changed`), reported by the
-  subscription that feeds the events.
+  subscription that feeds the events, and the loss of evidence
+  (:func:`fail`): work that shows no event, or whose stream was lost and
+  whose upstream cannot confirm it still runs, ends as failed with a
+  ``last_error`` that says why. ``generating: true`` never outlives the
+  evidence for it.
 
 Events are the truth; a trigger's answer is only a hint that may arrive late.
 So before forwarding a trigger the proxy takes :func:`trigger_token` (the
@@ -33,6 +37,7 @@ from .snapshot import ACTIVE, STREAM_STATES, Snapshot
 __all__ = [
     "accept_trigger",
     "apply_event",
+    "fail",
     "fail_trigger",
     "learn_session",
     "stream_changed",
@@ -146,6 +151,11 @@ def fail_trigger(snap: Snapshot, token: int, error: str, now: float) -> Snapshot
     """The upstream answered the trigger with an error of the work itself."""
     if snap.state_seq != token:
         return snap
+    return fail(snap, error, now)
+
+
+def fail(snap: Snapshot, error: str, now: float) -> Snapshot:
+    """End the work as failed: the evidence that it runs is gone."""
     return replace(
         snap,
         status="failed",

@@ -25,7 +25,7 @@ from yarl import URL
 
 from . import reducer
 from .config import Settings
-from .profile import Profile
+from .profile import Profile, Trigger
 from .snapshot import Snapshot
 from .sse import ServerSentEvent
 from .subscription import CREDENTIAL_HEADERS, Backoff, Subscription
@@ -40,13 +40,27 @@ _SHARED = ""  # the subscription key of a profile's single shared stream
 class Conversation:
     """One observed resource: its snapshot, and a way to wait for changes."""
 
-    __slots__ = ("_changed", "id", "last_used", "snapshot", "subscription")
+    __slots__ = (
+        "_changed",
+        "evidence_timer",
+        "id",
+        "last_used",
+        "last_work_at",
+        "snapshot",
+        "subscription",
+        "timer_kind",
+    )
 
     def __init__(self, resource_id: str) -> None:
         self.id = resource_id
         self.snapshot = Snapshot()
         self.subscription: Subscription | None = None
         self.last_used = time.monotonic()
+        #: When an event of the work itself (not a keep-alive) last arrived.
+        self.last_work_at = 0.0
+        #: Fails the work unless an event shows it still runs (see Registry).
+        self.evidence_timer: asyncio.TimerHandle | None = None
+        self.timer_kind = ""
         self._changed = asyncio.Event()
 
     def set(self, snapshot: Snapshot) -> None:
@@ -120,6 +134,72 @@ class Registry:
     def update(self, conv: Conversation, snapshot: Snapshot) -> None:
         conv.set(snapshot)
 
+    # ------------------------------------------------------------ evidence
+    # Work in flight must keep showing evidence. Two timers enforce it: after
+    # a step is accepted, some event of it must arrive within start_timeout;
+    # after the stream is lost mid-step, it must come back within stale_after
+    # and then show an event of the work within confirm_timeout (gptme 0.31.0
+    # cannot say whether a step still runs; after a restart it does not).
+
+    def accept_trigger(self, conv: Conversation, token: int, trigger: Trigger) -> None:
+        before = conv.snapshot
+        conv.set(reducer.accept_trigger(before, token, trigger, time.time()))
+        if conv.snapshot is not before and reducer.is_active(conv.snapshot):
+            wait = self.settings.start_timeout
+            self._arm(
+                conv,
+                wait,
+                "start",
+                f"no event from the upstream within {wait:g} s of the step being accepted",
+            )
+
+    def _arm(self, conv: Conversation, delay: float, kind: str, reason: str) -> None:
+        self._disarm(conv)
+        armed_at = time.monotonic()
+        conv.timer_kind = kind
+        conv.evidence_timer = asyncio.get_running_loop().call_later(
+            delay, self._expire, conv, armed_at, reason
+        )
+
+    @staticmethod
+    def _disarm(conv: Conversation) -> None:
+        if conv.evidence_timer is not None:
+            conv.evidence_timer.cancel()
+            conv.evidence_timer = None
+            conv.timer_kind = ""
+
+    def _expire(self, conv: Conversation, armed_at: float, reason: str) -> None:
+        conv.evidence_timer = None
+        conv.timer_kind = ""
+        if conv.last_work_at < armed_at and reducer.is_active(conv.snapshot):
+            log.warning(
+                "work ended for lack of evidence", extra={"resource": conv.id, "reason": reason}
+            )
+            conv.set(reducer.fail(conv.snapshot, reason, time.time()))
+
+    def _stream_changed_during_work(self, conv: Conversation, before: str, stream: str) -> None:
+        if stream == "lost":
+            self._disarm(conv)
+            reason = "the event stream was lost mid-step and the upstream refused a new one"
+            conv.set(reducer.fail(conv.snapshot, reason, time.time()))
+        elif before == "live" and stream in ("reconnecting", "connecting"):
+            wait = self.stale_after
+            self._arm(
+                conv,
+                wait,
+                "lost",
+                f"the event stream was lost mid-step and did not come back within {wait:g} s",
+            )
+        elif stream == "live" and conv.timer_kind == "lost":
+            wait = self.settings.confirm_timeout
+            self._arm(
+                conv,
+                wait,
+                "confirm",
+                "the event stream was lost mid-step; once it was "
+                f"back, the upstream showed no sign of the step within {wait:g} s",
+            )
+
     def _remember(self, resource_id: str) -> Conversation:
         conv = self._conversations.get(resource_id)
         if conv is None:
@@ -187,10 +267,13 @@ class Registry:
     # ------------------------------------------------- from subscriptions
     def _on_stream(self, sub: Subscription, stream: str) -> None:
         now = time.time()
-        targets = self._conversations.values() if sub.key == _SHARED else [self.get(sub.key)]
+        targets = self.conversations() if sub.key == _SHARED else [self.get(sub.key)]
         for conv in targets:
             if conv is not None:
+                before = conv.snapshot.stream
                 conv.set(reducer.stream_changed(conv.snapshot, stream, now))
+                if reducer.is_active(conv.snapshot):
+                    self._stream_changed_during_work(conv, before, stream)
 
     def _on_event(self, sub: Subscription, event: ServerSentEvent) -> None:
         try:
@@ -212,8 +295,6 @@ class Registry:
                 return
         self.events_by_type[event_type] += 1
         rule = profile.events.get(event_type)
-        if rule is None:
-            return
         if sub.key == _SHARED:
             assert profile.id_field is not None
             resource_id = reducer.field_value(data, profile.id_field)
@@ -227,7 +308,15 @@ class Registry:
             if found is None:
                 return
             conv = found
-        conv.set(reducer.apply_event(conv.snapshot, rule, data, time.time()))
+        self._work_seen(conv, event_type)
+        if rule is not None:
+            conv.set(reducer.apply_event(conv.snapshot, rule, data, time.time()))
+
+    def _work_seen(self, conv: Conversation, event_type: str) -> None:
+        if event_type not in self.profile.keepalive_events:
+            conv.last_work_at = time.monotonic()
+            if conv.evidence_timer is not None:
+                self._disarm(conv)
 
     # ------------------------------------------------------------ closing
     async def close(self) -> None:
@@ -236,5 +325,6 @@ class Registry:
         await asyncio.gather(*(sub.close() for sub in subs), return_exceptions=True)
         now = time.time()
         for conv in self._conversations.values():
+            self._disarm(conv)
             conv.subscription = None
             conv.set(reducer.stream_changed(conv.snapshot, "lost", now))
