@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .config import OPTIONS, ConfigError, Settings, load_settings
-from .profile import ProfileError, load_profile
+from .profile import Profile, ProfileError, load_profile
 
 __all__ = ["main"]
 
@@ -121,25 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(settings, profile)
 
 
-def serve(settings: Settings, profile: Any) -> int:
-    from aiohttp import web
-
-    from .app import create_app
+def serve(settings: Settings, profile: Profile) -> int:
+    from .server import run
 
     setup_logging(settings.log_level)
-    log = logging.getLogger("sidecar")
-    app = create_app(settings, profile)
-    log.info(
-        "listening",
-        extra={
-            "host": settings.host,
-            "port": settings.port,
-            "upstream": settings.upstream,
-            "profile": profile.name,
-        },
-    )
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
-    return 0
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run(settings, profile))
+    return int(uvloop.run(run(settings, profile)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -124,6 +124,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_snapshots", int, 10000, "snapshots kept at most", _count),
     Option("merge_limit", int, 32 * 1024 * 1024, "largest body merged, bytes", _count),
     Option("max_event_bytes", int, 4 * 1024 * 1024, "largest SSE event kept, bytes", _count),
+    Option("max_request_body", int, 1024**3, "largest request body forwarded, bytes", _count),
+    Option(
+        "admin_port",
+        int,
+        None,
+        "serve /healthz, /readyz, /metrics and /_sidecar/ on this port instead of the main one",
+        _port,
+    ),
+    Option(
+        "admin_token", str, None, "bearer token required by /metrics and /_sidecar/", secret=True
+    ),
+    Option(
+        "shutdown_grace",
+        float,
+        20.0,
+        "seconds in-flight requests get to finish after SIGTERM",
+        _positive,
+    ),
+    Option("probe_interval", float, 5.0, "seconds between upstream reachability probes", _positive),
+    Option("max_wait", float, 60.0, "longest `Prefer: wait` honoured, seconds", _positive),
+    Option("max_held", int, 1000, "requests held by `Prefer: wait` at once, at most", _count),
+    Option("access_log", bool, False, "log every request (one JSON line each)"),
     Option("log_level", str, "info", "debug, info, warning or error", _level),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -149,6 +171,14 @@ class Settings:
     max_snapshots: int = 10000
     merge_limit: int = 32 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
+    max_request_body: int = 1024**3
+    admin_port: int | None = None
+    admin_token: str | None = None
+    shutdown_grace: float = 20.0
+    probe_interval: float = 5.0
+    max_wait: float = 60.0
+    max_held: int = 1000
+    access_log: bool = False
     log_level: str = "info"
 
     def masked(self) -> dict[str, Any]:

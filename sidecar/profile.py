@@ -119,6 +119,8 @@ class Profile:
     enrich: PathTemplate
     key: str
     triggers: tuple[Trigger, ...]
+    #: A cheap upstream path whose answer (any status) proves it is reachable.
+    health_path: str
     events: dict[str, EventRule] = field(default_factory=dict)
     source: str = "<builtin>"
 
@@ -251,6 +253,12 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         )
         tr.done()
 
+    he = _Reader(top.get("health", dict, {}), "health")
+    health_path = he.get("path", str, "/")
+    if not health_path.startswith("/"):
+        raise ProfileError("health.path: must start with '/'")
+    he.done()
+
     events = {
         event_type: _rule(raw, f"events.{event_type}")
         for event_type, raw in top.get("events", dict, {}).items()
@@ -268,6 +276,7 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         enrich=enrich,
         key=key,
         triggers=tuple(triggers),
+        health_path=health_path,
         events=events,
         source=source,
     )

@@ -29,6 +29,7 @@ from yarl import URL
 
 from . import merge, reducer
 from .config import Settings
+from .metrics import Metrics
 from .profile import Profile, Trigger
 from .registry import Conversation, Registry
 
@@ -65,7 +66,8 @@ _WEBSOCKET_DROP = frozenset(
 #: Bodies up to this size on a trigger are read whole (then forwarded as they
 #: came) to learn the client's session id; larger ones just stream through.
 TRIGGER_BODY_PEEK = 64 * 1024
-_CHUNK = 64 * 1024
+KIND = web.RequestKey("sidecar_kind", str)  # the route kind, for metrics
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class UpstreamError(Exception):
@@ -154,17 +156,29 @@ class Proxy:
         profile: Profile,
         registry: Registry,
         session: aiohttp.ClientSession,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.profile = profile
         self.registry = registry
         self.session = session
+        self.metrics = metrics
+        self.closing = False
+        #: Upstream responses being relayed as SSE: ended on shutdown.
+        self._streams: set[aiohttp.ClientResponse] = set()
+        self._held = 0  # requests held by `Prefer: wait`
         self.upstream = URL(settings.upstream)
         self._base_path = self.upstream.raw_path.rstrip("/")
         self.via = "sidecar"
         self._connect_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=None
         )
+
+    def begin_shutdown(self) -> None:
+        """End SSE passthroughs cleanly and stop holding long-polls."""
+        self.closing = True
+        for upstream in list(self._streams):
+            upstream.close()
 
     # ------------------------------------------------------------ routing
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -175,20 +189,35 @@ class Proxy:
             target = request.rel_url.raw_path_qs
         path = target.partition("?")[0]
         method = request.method
+        trigger = resource_id = None
+        if _is_websocket(request):
+            kind = "websocket"
+        elif (trigger := self.profile.match_trigger(method, path)) is not None:
+            kind = "trigger"
+        elif (resource_id := self.profile.match_enrich(method, path)) is not None:
+            kind = "enrich"
+        else:
+            kind = "pass"
+        request[KIND] = kind
+        label = method if method in _METHODS else "OTHER"
         try:
-            if _is_websocket(request):
-                return await self._websocket(request, target)
-            matched = self.profile.match_trigger(method, path)
-            if matched is not None:
-                return await self._trigger(request, target, *matched)
-            resource_id = self.profile.match_enrich(method, path)
-            if resource_id is not None:
-                return await self._enrich(request, target, resource_id)
-            return await self._pass(request, target)
+            if kind == "websocket":
+                response = await self._websocket(request, target)
+            elif trigger is not None:
+                response = await self._trigger(request, target, *trigger)
+            elif resource_id is not None:
+                response = await self._enrich(request, target, resource_id)
+            else:
+                response = await self._pass(request, target)
         except UpstreamError as exc:
-            return _json_error(
+            response = _json_error(
                 exc.status, exc.message, upstream=str(self.upstream), method=method, path=path
             )
+        except Exception:
+            self.metrics.requests.labels(kind, label, "500").inc()
+            raise
+        self.metrics.requests.labels(kind, label, str(response.status)).inc()
+        return response
 
     # ------------------------------------------------------------- upstream
     def _url(self, target: str) -> URL:
@@ -204,11 +233,15 @@ class Proxy:
         """Send the request upstream; returns once response headers arrived."""
         if headers is None:
             headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+        limit = self.settings.max_request_body
+        if request.content_length is not None and request.content_length > limit:
+            raise UpstreamError(413, f"request body larger than the limit of {limit} bytes")
         if data is None and request.body_exists:
-            data = _stream_body(request)
+            data = _stream_body(request, limit)
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.response_timeout):
-                return await self.session.request(
+                response = await self.session.request(
                     request.method,
                     self._url(target),
                     headers=headers,
@@ -216,6 +249,14 @@ class Proxy:
                     allow_redirects=False,
                     timeout=self._connect_timeout,
                 )
+            self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
+                time.perf_counter() - started
+            )
+            return response
+        except BodyTooLarge:
+            raise UpstreamError(
+                413, f"request body larger than the limit of {limit} bytes"
+            ) from None
         except TimeoutError:
             raise UpstreamError(
                 504,
@@ -235,6 +276,9 @@ class Proxy:
             reason=upstream.reason,
             headers=response_headers(upstream, request.version, self.via),
         )
+        is_stream = upstream.content_type == "text/event-stream"
+        if is_stream:
+            self._streams.add(upstream)
         complete = False
         try:
             await response.prepare(request)
@@ -245,14 +289,21 @@ class Proxy:
             complete = True
             await response.write_eof()
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            # The upstream broke off mid-body. Ending the response normally
-            # would tell the client it has it all: cut the connection instead.
-            log.info("upstream body cut off", extra={"reason": repr(exc)})
-            if request.transport is not None:
-                request.transport.close()
+            if is_stream and self.closing:
+                # Shutting down: end the event stream cleanly, so the
+                # client's EventSource reconnects (to another replica).
+                with contextlib.suppress(ConnectionResetError):
+                    await response.write_eof()
+            else:
+                # The upstream broke off mid-body. Ending the response normally
+                # would tell the client it has it all: cut the connection.
+                log.info("upstream body cut off", extra={"reason": repr(exc)})
+                if request.transport is not None:
+                    request.transport.close()
         except ConnectionResetError:
             pass  # the client left; the upstream response is closed below
         finally:
+            self._streams.discard(upstream)
             if complete:
                 upstream.release()
             else:
@@ -309,6 +360,7 @@ class Proxy:
         self, request: web.Request, target: str, resource_id: str
     ) -> web.StreamResponse:
         conv = self.registry.observe(resource_id, request.headers)
+        await self._hold_until_changed(request, conv)
         headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
         for _attempt in range(2):
             snap = conv.snapshot
@@ -330,6 +382,24 @@ class Proxy:
             headers.popall("If-None-Match", None)
         raise AssertionError("unreachable: the second attempt is unconditional")
 
+    async def _hold_until_changed(self, request: web.Request, conv: Conversation) -> None:
+        """``Prefer: wait=N`` with an If-None-Match of the current state (RFC 7240).
+
+        The request is held until the snapshot changes or N seconds pass,
+        then answered as usual: push-like latency for a plain REST client.
+        """
+        wait = _prefer_wait(request.headers.getall("Prefer", ()))
+        inm = request.headers.get("If-None-Match")
+        if wait is None or inm is None or self.closing or self._held >= self.settings.max_held:
+            return
+        if conv.snapshot.digest not in merge.etag_digests(inm):
+            return  # the client's state is already stale: answer now
+        self._held += 1
+        try:
+            await conv.wait_changed(min(wait, self.settings.max_wait))
+        finally:
+            self._held -= 1
+
     def _not_modified(
         self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
     ) -> web.StreamResponse:
@@ -347,17 +417,23 @@ class Proxy:
         cache_control = upstream.headers.get("Cache-Control", "").lower()
         length = upstream.content_length
         limit = self.settings.merge_limit
-        if (
-            not 200 <= upstream.status < 300
-            or upstream.status == 204
-            or not _is_json(upstream.content_type)
-            or "no-transform" in cache_control
-            or not merge.supported_encoding(encoding)
-            or (length is not None and length > limit)
-        ):
+        skip = None
+        if not 200 <= upstream.status < 300 or upstream.status == 204:
+            skip = "not_2xx"
+        elif not _is_json(upstream.content_type):
+            skip = "not_json"
+        elif "no-transform" in cache_control:
+            skip = "no_transform"
+        elif not merge.supported_encoding(encoding):
+            skip = "encoding"
+        elif length is not None and length > limit:
+            skip = "too_large"
+        if skip is not None:
+            self.metrics.merges.labels(skip).inc()
             return await self._relay(request, upstream)
         body = await _read_at_most(upstream, limit)
         if len(body) > limit:  # a chunked body larger than the limit
+            self.metrics.merges.labels("too_large").inc()
             return await self._relay(request, upstream, first=body)
         try:
             decoded = merge.decode_body(body, encoding, limit)
@@ -365,7 +441,9 @@ class Proxy:
             out = merge.encode_body(merged, encoding)
         except (merge.MergeError, OSError, ValueError) as exc:
             log.info("body passed unmerged", extra={"reason": str(exc), "resource": conv.id})
+            self.metrics.merges.labels("invalid").inc()
             return await self._relay(request, upstream, first=body)
+        self.metrics.merges.labels("merged").inc()
         headers = response_headers(upstream, request.version, self.via)
         headers.popall("Content-Length", None)
         headers.popall("Content-MD5", None)
@@ -453,9 +531,31 @@ def _is_websocket(request: web.Request) -> bool:
     )
 
 
-async def _stream_body(request: web.Request) -> AsyncIterator[bytes]:
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _stream_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    size = 0
     async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
         yield chunk
+
+
+def _prefer_wait(values: Any) -> float | None:
+    """The ``wait`` preference of ``Prefer`` headers (RFC 7240), if any."""
+    for value in values:
+        for pref in value.split(","):
+            name, _, arg = pref.strip().partition("=")
+            if name.strip().lower() == "wait":
+                try:
+                    seconds = float(arg.strip().strip('"').split(";")[0])
+                except ValueError:
+                    return None
+                return seconds if seconds > 0 else None
+    return None
 
 
 async def _read_at_most(upstream: aiohttp.ClientResponse, limit: int) -> bytes:

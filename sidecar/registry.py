@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,6 +36,7 @@ __all__ = ["Conversation", "Registry"]
 log = logging.getLogger("sidecar.registry")
 
 _SHARED = ""  # the subscription key of a profile's single shared stream
+TRANSITIONS_KEPT = 20
 
 
 class Conversation:
@@ -49,6 +51,7 @@ class Conversation:
         "snapshot",
         "subscription",
         "timer_kind",
+        "transitions",
     )
 
     def __init__(self, resource_id: str) -> None:
@@ -61,11 +64,27 @@ class Conversation:
         #: Fails the work unless an event shows it still runs (see Registry).
         self.evidence_timer: asyncio.TimerHandle | None = None
         self.timer_kind = ""
+        #: The last state transitions, newest last, for the state API.
+        self.transitions: deque[dict[str, Any]] = deque(maxlen=TRANSITIONS_KEPT)
         self._changed = asyncio.Event()
 
     def set(self, snapshot: Snapshot) -> None:
-        if snapshot is self.snapshot:
+        before = self.snapshot
+        if snapshot is before:
             return
+        if (snapshot.status, snapshot.stream, snapshot.last_error) != (
+            before.status,
+            before.stream,
+            before.last_error,
+        ):
+            self.transitions.append(
+                {
+                    "at": snapshot.as_dict()["updated_at"],
+                    "status": snapshot.status,
+                    "stream": snapshot.stream,
+                    "last_error": snapshot.last_error,
+                }
+            )
         self.snapshot = snapshot
         self._changed.set()
         self._changed = asyncio.Event()
@@ -91,9 +110,13 @@ class Registry:
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._subscriptions: OrderedDict[str, Subscription] = OrderedDict()
         self.stale_after = settings.stale_after or 3 * profile.heartbeat_seconds
-        #: Counters for operators: events by type, and what was skipped.
+        #: Counters for operators: events by type (types the profile does not
+        #: name are counted as "other", so upstream garbage cannot grow the
+        #: label set), what was skipped, and reconnections.
         self.events_by_type: Counter[str] = Counter()
+        self._known_types = set(profile.events) | set(profile.keepalive_events)
         self.malformed_events = 0
+        self.reconnects = 0
 
     # ------------------------------------------------------------ lookups
     def get(self, resource_id: str) -> Conversation | None:
@@ -266,6 +289,8 @@ class Registry:
 
     # ------------------------------------------------- from subscriptions
     def _on_stream(self, sub: Subscription, stream: str) -> None:
+        if stream == "live" and sub.connects > 1:
+            self.reconnects += 1
         now = time.time()
         targets = self.conversations() if sub.key == _SHARED else [self.get(sub.key)]
         for conv in targets:
@@ -293,7 +318,7 @@ class Registry:
             if not isinstance(event_type, str):
                 self.malformed_events += 1
                 return
-        self.events_by_type[event_type] += 1
+        self.events_by_type[event_type if event_type in self._known_types else "other"] += 1
         rule = profile.events.get(event_type)
         if sub.key == _SHARED:
             assert profile.id_field is not None

@@ -1,0 +1,225 @@
+"""The sidecar's own endpoints: probes, metrics, the state API and a status page.
+
+They never share a path with the upstream. On the main port they live under
+``/_sidecar/``; with ``admin_port`` set they move to that port (where the
+probes are also at ``/healthz``, ``/readyz`` and ``/metrics``) and the main
+port proxies every path. ``admin_token`` protects metrics and state; the
+probes stay open, as kubelets call them without credentials.
+
+* ``/healthz``: the process is alive and its event loop turns. Never depends
+  on the upstream, so a dead upstream never gets the sidecar restarted.
+* ``/readyz``: 200 while the upstream answers the profile's health path and
+  the sidecar is not shutting down; 503 otherwise, with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import Settings
+from .metrics import Metrics
+from .profile import Profile
+from .registry import Registry
+
+__all__ = ["Health", "add_admin_routes", "probe_upstream"]
+
+log = logging.getLogger("sidecar.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Health:
+    shutting_down: bool = False
+    #: None until the first probe has answered.
+    upstream_reachable: bool | None = None
+    last_probe_at: float | None = None
+    last_probe_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return not self.shutting_down and self.upstream_reachable is True
+
+    def reason(self) -> str:
+        if self.shutting_down:
+            return "shutting down"
+        if self.upstream_reachable is None:
+            return "the upstream has not been probed yet"
+        if not self.upstream_reachable:
+            return f"upstream unreachable: {self.last_probe_error}"
+        return "ready"
+
+
+async def probe_upstream(
+    health: Health, settings: Settings, profile: Profile, session: aiohttp.ClientSession
+) -> AsyncGenerator[None, None]:
+    """A cleanup-context body: probe the upstream until the app stops."""
+    url = settings.upstream + profile.health_path
+    timeout = aiohttp.ClientTimeout(total=settings.connect_timeout * 2)
+
+    async def probe_once() -> None:
+        try:
+            async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
+                await resp.read()
+            reachable, error = True, None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            reachable, error = False, f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if reachable != health.upstream_reachable:
+            log.info(
+                "upstream reachability changed", extra={"reachable": reachable, "error": error}
+            )
+        health.upstream_reachable, health.last_probe_error = reachable, error
+        health.last_probe_at = time.time()
+
+    async def loop() -> None:
+        while True:
+            await probe_once()
+            await asyncio.sleep(settings.probe_interval)
+
+    task = asyncio.get_running_loop().create_task(loop(), name="sidecar-upstream-probe")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body, option=orjson.OPT_INDENT_2),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def add_admin_routes(
+    app: web.Application,
+    *,
+    prefix: str,
+    probes_at_root: bool,
+    settings: Settings,
+    health: Health,
+    registry: Callable[[], Registry],
+    metrics: Metrics,
+) -> None:
+    """Register the admin routes on ``app`` (the main app or the admin app)."""
+
+    def protected(handler: Handler) -> Handler:
+        async def check(request: web.Request) -> web.StreamResponse:
+            token = settings.admin_token
+            if token:
+                given = request.headers.get("Authorization", "")
+                if not given and "token" in request.query:  # the status page's own fetches
+                    given = "Bearer " + request.query["token"]
+                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                    return web.Response(
+                        status=401,
+                        body=b'{"error": "admin token required", "source": "sidecar"}',
+                        content_type="application/json",
+                        headers={"WWW-Authenticate": 'Bearer realm="sidecar"'},
+                    )
+            return await handler(request)
+
+        return check
+
+    async def healthz(request: web.Request) -> web.Response:
+        return _json({"status": "alive"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        subs = registry().subscriptions
+        body = {
+            "ready": health.ready,
+            "reason": health.reason(),
+            "upstream": {
+                "url": settings.upstream,
+                "reachable": health.upstream_reachable,
+                "last_probe_at": health.last_probe_at,
+                "error": health.last_probe_error,
+            },
+            "subscriptions": {
+                state: sum(1 for s in subs if s.stream == state)
+                for state in ("connecting", "live", "reconnecting", "lost")
+            },
+        }
+        return _json(body, 200 if health.ready else 503)
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def conversations(request: web.Request) -> web.Response:
+        items = []
+        for conv in reversed(registry().conversations()):  # most recently used first
+            snap = conv.snapshot.as_dict()
+            items.append(
+                {
+                    "id": conv.id,
+                    "status": snap["status"],
+                    "generating": snap["generating"],
+                    "last_error": snap["last_error"],
+                    "stream": snap["stream"],
+                    "updated_at": snap["updated_at"],
+                }
+            )
+        return _json({"conversations": items})
+
+    async def conversation(request: web.Request) -> web.Response:
+        resource_id = request.match_info["id"]
+        conv = registry().get(resource_id)
+        if conv is None:
+            return _json({"error": f"no snapshot for {resource_id!r}", "source": "sidecar"}, 404)
+        sub = conv.subscription
+        return _json(
+            {
+                "id": conv.id,
+                "snapshot": conv.snapshot.as_dict(),
+                "subscription": None
+                if sub is None
+                else {
+                    "stream": sub.stream,
+                    "connects": sub.connects,
+                    "events": sub.events,
+                    "last_failure": sub.last_failure,
+                    "last_event_id": sub.decoder.last_event_id or None,
+                },
+                "transitions": list(conv.transitions),
+            }
+        )
+
+    async def page(request: web.Request) -> web.Response:
+        html = resources.files("sidecar").joinpath("status.html").read_bytes()
+        return web.Response(
+            body=html, content_type="text/html", headers={"Cache-Control": "no-store"}
+        )
+
+    routes = [
+        web.get(f"{prefix}/healthz", healthz),
+        web.get(f"{prefix}/readyz", readyz),
+        web.get(f"{prefix}/metrics", protected(metrics_view)),
+        web.get(f"{prefix}/", protected(page)),
+        web.get(f"{prefix}/conversations", protected(conversations)),
+        web.get(f"{prefix}/conversations/{{id}}", protected(conversation)),
+    ]
+    if probes_at_root:
+        routes += [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", protected(metrics_view)),
+        ]
+    app.router.add_routes(routes)
