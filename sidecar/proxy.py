@@ -265,6 +265,10 @@ class Proxy:
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(502, f"upstream unreachable: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
+            if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
+                raise UpstreamError(
+                    413, f"request body larger than the limit of {limit} bytes"
+                ) from None
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
 
     async def _relay(
@@ -533,6 +537,17 @@ def _is_websocket(request: web.Request) -> bool:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _stream_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:

@@ -34,6 +34,9 @@ async def run(settings: Settings, profile: Profile) -> int:
         access_log_format='%r %s %b %Tf "%{User-Agent}i"',
         shutdown_timeout=settings.shutdown_grace,
         handle_signals=False,
+        # A client that leaves cancels its handler at once, which closes the
+        # upstream request it was relaying instead of waiting for a write.
+        handler_cancellation=True,
     )
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()

@@ -25,7 +25,7 @@ async def serve() -> AsyncIterator[Start]:
     servers: list[TestServer] = []
 
     async def start(app: web.Application, port: int | None = None) -> TestServer:
-        server = TestServer(app, host="127.0.0.1", port=port)
+        server = TestServer(app, host="127.0.0.1", port=port, handler_cancellation=True)
         await server.start_server()
         servers.append(server)
         return server

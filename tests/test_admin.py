@@ -1,0 +1,173 @@
+"""The sidecar's own endpoints: probes, metrics, state API, long-poll, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from sidecar.app import create_admin_app
+from sidecar.fake import FakeGptme, Outcome
+
+from .conftest import eventually
+
+
+async def test_healthz_never_depends_on_the_upstream(start_sidecar, http) -> None:
+    sc = await start_sidecar("http://127.0.0.1:9")  # nothing listens there
+    async with http.get(sc.url + "/_sidecar/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_refused_upstream_at_start_then_ready_once_it_answers(
+    serve, start_sidecar, http
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sc = await start_sidecar(f"http://127.0.0.1:{port}", probe_interval=0.1)
+    async with http.get(sc.url + "/api/v2/conversations/c1") as resp:
+        assert resp.status == 502
+    await asyncio.sleep(0.2)
+    async with http.get(sc.url + "/_sidecar/readyz") as resp:
+        assert resp.status == 503
+        assert "unreachable" in (await resp.json())["reason"]
+    await serve(FakeGptme().app, port=port)
+
+    async def ready() -> bool:
+        async with http.get(sc.url + "/_sidecar/readyz") as resp:
+            return resp.status == 200
+
+    for _ in range(100):
+        if await ready():
+            break
+        await asyncio.sleep(0.05)
+    assert await ready()
+
+
+async def test_metrics_count_requests_events_and_merges_without_ids(gptme, http) -> None:
+    g = await gptme("0.31.0", outcome=Outcome(kind="error"))
+    sid = await g.create("secret-conversation-id")
+    await g.step("secret-conversation-id", sid)
+    await g.wait_status("secret-conversation-id", "failed")
+    async with http.get(g.sidecar.url + "/_sidecar/metrics") as resp:
+        text = await resp.text()
+    assert 'sidecar_requests_total{code="200",kind="enrich",method="GET"}' in text
+    assert 'sidecar_requests_total{code="200",kind="trigger",method="POST"}' in text
+    assert 'sidecar_events_total{type="error"} 1.0' in text
+    assert 'sidecar_merges_total{result="merged"}' in text
+    assert 'sidecar_subscriptions{stream="live"} 1.0' in text
+    assert "sidecar_upstream_latency_seconds_bucket" in text
+    assert "secret-conversation-id" not in text
+
+
+async def test_state_api_lists_conversations_and_their_transitions(gptme, http) -> None:
+    g = await gptme("0.31.0", outcome=Outcome(kind="error", start_delay=0.05))
+    sid = await g.create("c1")
+    await g.step("c1", sid)
+    await g.wait_status("c1", "failed")
+    async with http.get(g.sidecar.url + "/_sidecar/conversations") as resp:
+        (item,) = (await resp.json())["conversations"]
+    assert (item["id"], item["status"]) == ("c1", "failed")
+    async with http.get(g.sidecar.url + "/_sidecar/conversations/c1") as resp:
+        detail = await resp.json()
+    statuses = [t["status"] for t in detail["transitions"]]
+    assert statuses[-3:] == ["starting", "generating", "failed"]
+    assert detail["subscription"]["stream"] == "live"
+    async with http.get(g.sidecar.url + "/_sidecar/conversations/nope") as resp:
+        assert resp.status == 404
+
+
+async def test_status_page_is_served(gptme, http) -> None:
+    g = await gptme()
+    async with http.get(g.sidecar.url + "/_sidecar/") as resp:
+        assert resp.status == 200
+        assert "sidecar: conversations" in await resp.text()
+
+
+async def test_admin_port_and_token(serve, start_sidecar, http) -> None:
+    fake = FakeGptme()
+    upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
+    sc = await start_sidecar(
+        upstream, admin_port=1, admin_token="adm"
+    )  # port set by the test server
+    admin = await serve(create_admin_app(sc.server.app))
+    base = str(admin.make_url("")).rstrip("/")
+    # The main port now proxies every path, /_sidecar/ included.
+    async with http.get(sc.url + "/_sidecar/healthz") as resp:
+        assert resp.status == 404 and fake.requests[-1][1] == "/_sidecar/healthz"
+    async with http.get(base + "/healthz") as resp:
+        assert resp.status == 200  # probes need no token
+    async with http.get(base + "/metrics") as resp:
+        assert resp.status == 401
+    async with http.get(base + "/metrics", headers={"Authorization": "Bearer adm"}) as resp:
+        assert resp.status == 200
+    async with http.get(base + "/_sidecar/conversations?token=adm") as resp:
+        assert resp.status == 200
+
+
+async def test_long_poll_follows_changes_without_busy_polling(gptme, http) -> None:
+    g = await gptme("0.35.1", outcome=Outcome(kind="error", start_delay=0.5))
+    sid = await g.create("c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    url = g.url("/api/v2/conversations/c1")
+    async with http.get(url) as resp:
+        etag = resp.headers["ETag"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    step = asyncio.create_task(g.step("c1", sid))
+    polls, status = 0, "unknown"
+    while status != "failed":
+        polls += 1
+        async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=10"}) as resp:
+            assert resp.status == 200  # held until something changed, never a stale 304
+            etag = resp.headers["ETag"]
+            status = (await resp.json())["session"]["status"]
+    assert polls <= 6  # one answer per change, not a busy loop
+    assert loop.time() - started < 3
+    await step
+
+
+async def test_long_poll_without_change_is_held_for_the_wait_then_304(gptme, http) -> None:
+    g = await gptme("0.35.1")
+    await g.create("c1")
+    url = g.url("/api/v2/conversations/c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    async with http.get(url) as resp:
+        etag = resp.headers["ETag"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=0.5"}) as resp:
+        assert resp.status == 304
+    assert 0.45 <= loop.time() - started < 2
+
+
+async def test_long_poll_with_a_stale_tag_answers_at_once(gptme, http) -> None:
+    g = await gptme("0.35.1")
+    await g.create("c1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    headers = {"If-None-Match": 'W/"old;sc=0000000000000000"', "Prefer": "wait=10"}
+    async with http.get(g.url("/api/v2/conversations/c1"), headers=headers) as resp:
+        assert resp.status == 200
+    assert loop.time() - started < 2
+
+
+async def test_a_body_over_the_limit_is_a_413(gptme, http) -> None:
+    g = await gptme(sidecar_options={"max_request_body": 1000})
+    async with http.post(g.url("/api/v2/conversations/c1"), data=b"x" * 2000) as resp:
+        assert resp.status == 413
+        assert "limit" in (await resp.json())["error"]
+
+    async def chunks():
+        for _ in range(10):
+            yield b"y" * 500
+
+    async with http.post(g.url("/api/v2/conversations/c1"), data=chunks()) as resp:
+        assert resp.status == 413
+
+
+async def test_an_oversized_header_is_a_clear_4xx(gptme, http) -> None:
+    g = await gptme()
+    async with http.get(g.url("/api/v2"), headers={"X-Big": "z" * 70000}) as resp:
+        assert 400 <= resp.status < 500
