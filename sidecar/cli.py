@@ -25,7 +25,7 @@ from .profile import Profile, ProfileError, load_profile
 
 __all__ = ["main"]
 
-_COMMANDS = ("serve", "demo", "config")
+_COMMANDS = ("serve", "demo", "config", "check")
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
     "message",
     "asctime",
@@ -69,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the proxy (the default command)")
     config = sub.add_parser("config", help="print the effective configuration, secrets masked")
-    for p in (serve, config):
+    check = sub.add_parser(
+        "check", help="check an upstream against the profile: endpoints, events, what is merged"
+    )
+    check.add_argument("--id", dest="resource_id", help="an existing resource to look at")
+    check.add_argument(
+        "--seconds", type=float, default=5.0, help="how long to listen to the stream"
+    )
+    for p in (serve, config, check):
         p.add_argument(
             "--config", metavar="FILE", help="a TOML file of options (or SIDECAR_CONFIG)"
         )
@@ -115,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             print(json.dumps({**settings.masked(), "profile_source": profile.source}, indent=2))
             return 0
+        if args.command == "check":
+            from .check import run_check
+
+            return asyncio.run(
+                run_check(settings, profile, sys.stdout, args.resource_id, args.seconds)
+            )
     except (ConfigError, ProfileError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2

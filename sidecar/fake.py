@@ -179,6 +179,7 @@ class FakeGptme:
         app.on_shutdown.append(end_streams)
         conv = "/api/v2/conversations/{id}"
         app.router.add_get("/api/v2", self._root)
+        app.router.add_get("/api/v2/conversations", self._list)
         app.router.add_put(conv, self._create)
         app.router.add_get(conv, self._get)
         app.router.add_post(conv, self._append)
@@ -191,6 +192,15 @@ class FakeGptme:
     # --------------------------------------------------------- routes
     async def _root(self, request: web.Request) -> web.Response:
         return self._json(request, {"message": "gptme v2 API", "version": self.version})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return self._json(
+            request,
+            [
+                {"id": cid, "name": cid, "messages": len(c.log)}
+                for cid, c in self.conversations.items()
+            ],
+        )
 
     async def _create(self, request: web.Request) -> web.Response:
         cid = request.match_info["id"]

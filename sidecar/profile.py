@@ -121,6 +121,9 @@ class Profile:
     triggers: tuple[Trigger, ...]
     #: A cheap upstream path whose answer (any status) proves it is reachable.
     health_path: str
+    #: Where `sidecar check` finds an existing resource, and its id field.
+    list_path: str | None
+    list_id_field: str
     events: dict[str, EventRule] = field(default_factory=dict)
     source: str = "<builtin>"
 
@@ -210,6 +213,10 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         id_pattern = re.compile(pattern_text)
     except re.error as exc:
         raise ProfileError(f"resource.id_pattern: invalid regex ({exc})") from exc
+    list_path = res.get("list_path", str, None)
+    if list_path is not None and not list_path.startswith("/"):
+        raise ProfileError("resource.list_path: must start with '/'")
+    list_id_field = res.get("list_id_field", str, "id")
     res.done()
 
     st = _Reader(top.get("stream", dict), "stream")
@@ -277,6 +284,8 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         key=key,
         triggers=tuple(triggers),
         health_path=health_path,
+        list_path=list_path,
+        list_id_field=list_id_field,
         events=events,
         source=source,
     )
