@@ -31,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover
     brotli = None
 
-__all__ = ["FakeGptme", "Outcome"]
+__all__ = ["FakeGptme", "FakeOpencode", "Outcome"]
 
 INVALID_KEY_ERROR = (
     "Error code: 401 - {'error': {'message': 'Incorrect API key provided', "
@@ -412,3 +412,102 @@ class FakeGptme:
         session.pending_tools.clear()
         self.broadcast(cid, {"type": "interrupted"})
         return self._json(request, {"status": "ok", "message": "Interrupted"})
+
+
+class FakeOpencode:
+    """An opencode-style upstream: one shared ``/event`` stream for all sessions.
+
+    ``POST /session/{id}/prompt_async`` answers 204 and runs the outcome in
+    the background; a failure is a ``session.error`` event that
+    ``GET /session/{id}`` never shows.
+    """
+
+    def __init__(self, outcome: Outcome | None = None, heartbeat: float = 10.0) -> None:
+        self.outcome = outcome or Outcome()
+        self.heartbeat = heartbeat
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.subscribers: list[asyncio.Queue[dict[str, Any] | None]] = []
+        self.requests: list[tuple[str, str]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        app = web.Application(middlewares=[self._record])
+        app.router.add_get("/session", self._list)
+        app.router.add_post("/session", self._create)
+        app.router.add_get("/session/{id}", self._get)
+        app.router.add_post("/session/{id}/prompt_async", self._prompt)
+        app.router.add_get("/event", self._events)
+        app.on_shutdown.append(self._end_streams)
+        self.app = app
+
+    @web.middleware
+    async def _record(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.requests.append((request.method, request.raw_path))
+        return await handler(request)
+
+    async def _end_streams(self, app: web.Application) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait(None)
+
+    def broadcast(self, event_type: str, **properties: Any) -> None:
+        for queue in self.subscribers:
+            queue.put_nowait({"type": event_type, "properties": properties})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        return web.json_response(list(self.sessions.values()))
+
+    async def _create(self, request: web.Request) -> web.Response:
+        sid = "ses_" + uuid.uuid4().hex[:10]
+        self.sessions[sid] = {"id": sid, "title": "New session", "time": {"created": 0}}
+        return web.json_response(self.sessions[sid])
+
+    async def _get(self, request: web.Request) -> web.Response:
+        session = self.sessions.get(request.match_info["id"])
+        if session is None:
+            return web.json_response({"name": "NotFoundError"}, status=404)
+        return web.json_response(session)
+
+    async def _prompt(self, request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        if sid not in self.sessions:
+            return web.json_response({"name": "NotFoundError"}, status=404)
+        await request.read()
+        task = asyncio.create_task(self._run(sid, self.outcome))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return web.Response(status=204)
+
+    async def _run(self, sid: str, outcome: Outcome) -> None:
+        await asyncio.sleep(outcome.start_delay)
+        self.broadcast("session.status", sessionID=sid, status={"type": "busy"})
+        for i in range(outcome.tokens):
+            if outcome.kind == "error" and i == outcome.error_after:
+                break
+            part = {"sessionID": sid, "type": "text", "text": f"tok{i}"}
+            self.broadcast("message.part.updated", sessionID=sid, part=part)
+            await asyncio.sleep(outcome.pace)
+        if outcome.kind == "error":
+            error = {"name": "ProviderAuthError", "data": {"message": outcome.error}}
+            self.broadcast("session.error", sessionID=sid, error=error)
+        self.broadcast("session.idle", sessionID=sid)
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.subscribers.append(queue)
+        try:
+            await response.write(b'data: {"type": "server.connected", "properties": {}}\n\n')
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), self.heartbeat)
+                except TimeoutError:
+                    event = {"type": "server.heartbeat", "properties": {}}
+                if event is None:
+                    break
+                await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.subscribers.remove(queue)
+        return response
