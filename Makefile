@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint types unit browser bench clean
+.PHONY: demo test lint types unit browser bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,14 @@ unit: $(STAMP) browser
 
 test: lint types unit
 
+# Benchmarks print ratios against baselines measured in the same run. They
+# need wrk and nginx (apt-get install -y wrk nginx); uvloop is installed here.
 bench: $(STAMP)
-	$(BIN)/python bench/merge_cost.py
+	$(BIN)/python -m pip install --quiet -e '.[fast]'
+	$(BIN)/python bench/run.py
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

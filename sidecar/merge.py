@@ -12,7 +12,8 @@ The merge is ``(body bytes, key, snapshot) -> body bytes``:
   keys stay, and the body is serialised again.
 
 ETags: the upstream's tag covers its body, not the snapshot, so a merged
-response carries ``W/"<upstream tag>;sc=<snapshot digest>"``. An incoming
+response carries ``W/"<upstream tag>;sc=<snapshot digest>"`` (with an empty
+upstream part when the upstream sends no tag). An incoming
 ``If-None-Match`` is translated back: a tag whose digest is the current
 snapshot's is forwarded as the upstream's tag; a tag with another digest is
 dropped, so the upstream answers 200 and the client gets the new state. A
@@ -114,10 +115,17 @@ _TAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
 _SUFFIX = re.compile(r'^"(.*);sc=([0-9a-f]+)"$')
 
 
-def merged_etag(upstream_etag: str, snap: Snapshot) -> str:
-    """The ETag of a merged response (always weak: we re-encode the body)."""
-    m = re.match(r'\s*(?:W/)?"([^"]*)"\s*$', upstream_etag)
-    opaque = m.group(1) if m else upstream_etag.replace('"', "")
+def merged_etag(upstream_etag: str | None, snap: Snapshot) -> str:
+    """The ETag of a merged response (always weak: the body is re-encoded).
+
+    Without an upstream tag the upstream part is empty: such a tag lets a
+    client long-poll on the state, but never earns a 304, since nothing then
+    vouches for the body.
+    """
+    opaque = ""
+    if upstream_etag:
+        m = re.match(r'\s*(?:W/)?"([^"]*)"\s*$', upstream_etag)
+        opaque = m.group(1) if m else upstream_etag.replace('"', "")
     return f'W/"{opaque};sc={snap.digest}"'
 
 
@@ -133,7 +141,7 @@ def translate_if_none_match(value: str, snap: Snapshot) -> str | None:
         m = _SUFFIX.match(tag)
         if m is None:
             kept.append(f"{weak}{tag}")  # not one of ours: leave it to the upstream
-        elif m.group(2) == snap.digest:
+        elif m.group(2) == snap.digest and m.group(1):
             kept.append(f'W/"{m.group(1)}"')
     return ", ".join(kept) if kept else None
 

@@ -115,6 +115,8 @@ class Profile:
     id_field: str | None  # for a shared stream: where an event names its resource
     #: Event types that prove the stream is alive but say nothing of the work.
     keepalive_events: frozenset[str]
+    #: Event types that change the enrich target's body (wake long-polls).
+    content_events: frozenset[str]
     enrich_method: str
     enrich: PathTemplate
     key: str
@@ -229,6 +231,9 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
     keepalive = st.get("keepalive_events", list, [])
     if not all(isinstance(k, str) for k in keepalive):
         raise ProfileError("stream.keepalive_events: expected a list of event types")
+    content = st.get("content_events", list, [])
+    if not all(isinstance(k, str) for k in content):
+        raise ProfileError("stream.content_events: expected a list of event types")
     if not stream.has_id and id_field is None:
         raise ProfileError("stream.id_field: required when stream.path has no {id}")
     st.done()
@@ -279,6 +284,7 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         type_field=type_field,
         id_field=id_field,
         keepalive_events=frozenset(keepalive),
+        content_events=frozenset(content),
         enrich_method=enrich_method,
         enrich=enrich,
         key=key,

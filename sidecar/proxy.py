@@ -133,6 +133,9 @@ class PassthroughResponse(web.StreamResponse):
     def __init__(self, *, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
         self._absent = [h for h in ("Server", "Content-Type") if h not in headers]
+        # A body of known length: send the headers with its first bytes, one
+        # write instead of two. Streams (SSE, chunked) send headers at once.
+        self._send_headers_immediately = "Content-Length" not in headers
 
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
@@ -170,8 +173,8 @@ class Proxy:
         self.upstream = URL(settings.upstream)
         self._base_path = self.upstream.raw_path.rstrip("/")
         self.via = "sidecar"
-        self._connect_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=None
+        self._header_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.response_timeout
         )
 
     def begin_shutdown(self) -> None:
@@ -240,15 +243,20 @@ class Proxy:
             data = _stream_body(request, limit)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.settings.response_timeout):
-                response = await self.session.request(
-                    request.method,
-                    self._url(target),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    timeout=self._connect_timeout,
-                )
+            # sock_read bounds the wait for the response headers; it is
+            # lifted once they arrive, so a stream never times out.
+            response = await self.session.request(
+                request.method,
+                self._url(target),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=self._header_timeout,
+            )
+            connection = response.connection
+            if connection is not None and connection.protocol is not None:
+                connection.protocol.read_timeout = None
+                connection.protocol.start_timeout()  # cancels the pending timer
             self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
                 time.perf_counter() - started
             )
@@ -257,7 +265,7 @@ class Proxy:
             raise UpstreamError(
                 413, f"request body larger than the limit of {limit} bytes"
             ) from None
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(
                 504,
                 f"upstream sent no response headers within {self.settings.response_timeout:g} s",
@@ -451,9 +459,7 @@ class Proxy:
         headers = response_headers(upstream, request.version, self.via)
         headers.popall("Content-Length", None)
         headers.popall("Content-MD5", None)
-        etag = upstream.headers.get("ETag")
-        if etag:
-            headers["ETag"] = merge.merged_etag(etag, conv.snapshot)
+        headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
         upstream.release()
         response = PassthroughResponse(
             status=upstream.status, reason=upstream.reason, headers=headers

@@ -68,6 +68,11 @@ class Conversation:
         self.transitions: deque[dict[str, Any]] = deque(maxlen=TRANSITIONS_KEPT)
         self._changed = asyncio.Event()
 
+    def wake_waiters(self) -> None:
+        """Wake whoever waits for a change: of the snapshot, or of the body upstream."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def set(self, snapshot: Snapshot) -> None:
         before = self.snapshot
         if snapshot is before:
@@ -86,8 +91,7 @@ class Conversation:
                 }
             )
         self.snapshot = snapshot
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self.wake_waiters()
 
     async def wait_changed(self, timeout: float) -> bool:
         """Wait until the snapshot changes; False on timeout."""
@@ -338,6 +342,8 @@ class Registry:
             conv.set(reducer.apply_event(conv.snapshot, rule, data, time.time()))
 
     def _work_seen(self, conv: Conversation, event_type: str) -> None:
+        if event_type in self.profile.content_events:
+            conv.wake_waiters()
         if event_type not in self.profile.keepalive_events:
             conv.last_work_at = time.monotonic()
             if conv.evidence_timer is not None:

@@ -171,3 +171,47 @@ async def test_an_oversized_header_is_a_clear_4xx(gptme, http) -> None:
     g = await gptme()
     async with http.get(g.url("/api/v2"), headers={"X-Big": "z" * 70000}) as resp:
         assert 400 <= resp.status < 500
+
+
+async def test_long_poll_works_without_an_upstream_etag(gptme, http) -> None:
+    # gptme 0.31.0 sends no ETag: the sidecar's own tag still lets a client wait.
+    g = await gptme("0.31.0", outcome=Outcome(kind="error", start_delay=0.3))
+    sid = await g.create("c1")
+    url = g.url("/api/v2/conversations/c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    async with http.get(url) as resp:
+        etag = resp.headers["ETag"]
+    assert etag.startswith('W/";sc=')
+    step = asyncio.create_task(g.step("c1", sid))
+    status = "unknown"
+    while status != "failed":
+        async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=5"}) as resp:
+            assert resp.status == 200  # never a 304: nothing vouches for the body
+            etag = resp.headers["ETag"]
+            status = (await resp.json())["session"]["status"]
+    await step
+
+
+async def test_a_new_message_wakes_a_held_get(gptme, http) -> None:
+    g = await gptme("0.31.0")
+    await g.create("c1")
+    url = g.url("/api/v2/conversations/c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    async with http.get(url) as resp:
+        etag = resp.headers["ETag"]
+    loop = asyncio.get_running_loop()
+
+    async def post_later() -> None:
+        await asyncio.sleep(0.3)
+        async with http.post(url, json={"role": "user", "content": "more"}) as resp:
+            assert resp.status == 200
+
+    poster = asyncio.create_task(post_later())
+    started = loop.time()
+    async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=5"}) as resp:
+        body = await resp.json()
+    assert 0.25 < loop.time() - started < 2
+    assert body["log"][-1]["content"] == "more"
+    await poster

@@ -135,3 +135,10 @@ def test_decoding_is_bounded() -> None:
 def test_unknown_coding_is_not_supported() -> None:
     assert not merge.supported_encoding("zstd")
     assert merge.supported_encoding("GZIP")
+
+
+def test_without_an_upstream_tag_the_merged_tag_never_reaches_the_upstream() -> None:
+    tag = merge.merged_etag(None, FAILED)
+    assert tag == f'W/";sc={FAILED.digest}"'
+    assert merge.translate_if_none_match(tag, FAILED) is None
+    assert merge.etag_digests(tag) == {FAILED.digest}

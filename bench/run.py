@@ -1,0 +1,385 @@
+"""The performance benchmark: the sidecar against nginx and a direct path, in one run.
+
+    make bench            # or: python bench/run.py [--duration 5] [--connections 32]
+
+Starts a fast upstream (bench/upstream.py), nginx (proxy_pass, keep-alive
+upstream, one worker) and the sidecar (one process), all on 127.0.0.1, and
+measures with wrk: requests per second, p50 and p99 for a plain proxied GET
+and the enrich GET, at 2 KiB, 64 KiB and 1 MiB. Then: events per second one
+sidecar ingests while serving polls, event-to-visible latency, resident
+memory per idle subscription at 2,000 subscriptions, and the merge alone.
+Every figure is printed with its baseline from the same run and the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from merge_cost import conversation, per_call  # noqa: E402
+
+from sidecar.merge import merge  # noqa: E402
+from sidecar.snapshot import Snapshot  # noqa: E402
+
+SIZES = ("c2k", "c64k", "c1m")
+LABELS = {"c2k": "2 KiB", "c64k": "64 KiB", "c1m": "1 MiB"}
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listened on port {port}")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def wrk(url: str, duration: float, connections: int) -> tuple[float, float, float]:
+    """Requests/s, p50 and p99 latency in ms."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert m, out
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    if re.search(r"Non-2xx|Socket errors", out):
+        print(f"  warning: wrk reported errors for {url}:\n{out}", file=sys.stderr)
+    return rps, pct("50"), pct("99")
+
+
+class Processes:
+    """Child processes, stopped in reverse order (killed if they linger)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *cmd: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+async def get_metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
+    async with http.get(base + "/_sidecar/metrics") as resp:
+        text = await resp.text()
+    m = re.search(rf"^{re.escape(name)} ([\d.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+async def ingest(
+    sidecar: str, upstream: str, duration: float, connections: int
+) -> tuple[float, float]:
+    """Events/s ingested by the sidecar while wrk polls it, and the polls' rps."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sidecar + "/api/v2/conversations/burst") as resp:
+            await resp.read()
+        await asyncio.sleep(0.5)
+        n = 300_000
+        name = 'sidecar_events_total{type="generation_progress"}'
+        before = await get_metric(http, sidecar, name)
+        poll = asyncio.create_task(
+            asyncio.to_thread(
+                wrk, sidecar + "/api/v2/conversations/c2k", max(duration, 4), connections // 2
+            )
+        )
+        await asyncio.sleep(0.5)
+        started = time.perf_counter()
+        async with http.post(upstream + f"/control/burst?n={n}") as resp:
+            await resp.read()
+        # Another process's counter: there is nothing to await but its metrics.
+        while await get_metric(http, sidecar, name) < before + n:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        seconds = time.perf_counter() - started
+        rps, _, _ = await poll
+    return n / seconds, rps
+
+
+async def latency(sidecar: str, upstream: str, samples: int) -> tuple[float, float]:
+    """Event written upstream -> a held GET (``Prefer: wait``) through the sidecar answers (ms)."""
+    url = sidecar + "/api/v2/conversations/latency"
+    results = []
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            await resp.read()
+        await asyncio.sleep(0.5)
+        for _ in range(samples):
+            async with http.get(url) as resp:
+                etag = resp.headers["ETag"]
+                await resp.read()
+            held = asyncio.create_task(_held_get(http, url, etag))
+            await asyncio.sleep(0.005)  # the GET is held by now
+            async with http.post(upstream + "/control/emit") as resp:
+                written = (await resp.json())["t"]
+            results.append((await held - written) * 1000)
+    results.sort()
+    return statistics.median(results), results[max(0, int(len(results) * 0.99) - 1)]
+
+
+async def _held_get(http: aiohttp.ClientSession, url: str, etag: str) -> float:
+    headers = {"If-None-Match": etag, "Prefer": "wait=10"}
+    async with http.get(url, headers=headers) as resp:
+        await resp.read()
+        return time.monotonic()
+
+
+async def idle_memory(sidecar: str, pid: int, count: int) -> float:
+    """Resident KiB per idle subscription."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as http:
+        await asyncio.sleep(0.5)
+        before = rss_kib(pid)
+
+        async def open_one(i: int) -> None:
+            async with http.get(f"{sidecar}/api/v2/conversations/idle-{i}") as resp:
+                await resp.read()
+
+        await asyncio.gather(*(open_one(i) for i in range(count)))
+        name = 'sidecar_subscriptions{stream="live"}'
+        for _ in range(600):
+            if await get_metric(http, sidecar, name) >= count:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+    return (after - before) / count
+
+
+def merge_ms(size_label: str) -> float:
+    size = {"2 KiB": 2048, "64 KiB": 65536, "1 MiB": 1 << 20}[size_label]
+    body = conversation(size, False)
+    snap = Snapshot(status="failed", last_error="x", stream="live", updated_at=1.0)
+    return per_call(lambda: merge(body, "session", snap)) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--subscriptions", type=int, default=2000)
+    parser.add_argument("--latency-samples", type=int, default=300)
+    args = parser.parse_args()
+    missing = [
+        tool
+        for tool in ("wrk", "nginx")
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
+    ]
+    if missing:
+        print(
+            f"bench needs {' and '.join(missing)}: apt-get update && apt-get install -y wrk nginx"
+        )
+        return 2
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        procs = Processes()
+        up_port, nx_port, sc_port = free_port(), free_port(), free_port()
+        try:
+            procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(up_port))
+            wait_port(up_port)
+            (tmp / "nginx.conf").write_text(
+                NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
+            )
+            procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
+            sidecar_proc = procs.start(
+                sys.executable,
+                "-m",
+                "sidecar",
+                "--upstream",
+                f"http://127.0.0.1:{up_port}",
+                "--port",
+                str(sc_port),
+                "--log-level",
+                "warning",
+                "--max-subscriptions",
+                str(args.subscriptions + 100),
+            )
+            wait_port(nx_port)
+            wait_port(sc_port)
+            direct = f"http://127.0.0.1:{up_port}"
+            via_nginx = f"http://127.0.0.1:{nx_port}"
+            sidecar = f"http://127.0.0.1:{sc_port}"
+            for cid in SIZES:  # open the subscriptions before measuring
+                subprocess.run(
+                    ["curl", "-s", "-o", "/dev/null", f"{sidecar}/api/v2/conversations/{cid}"],
+                    check=False,
+                )
+            time.sleep(0.5)
+
+            print(
+                f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+                f"Python {platform.python_version()}, sidecar event loop: {loop}"
+            )
+            print(f"wrk: 1 thread, {args.connections} connections, {args.duration:g} s per run\n")
+            head = (
+                f"{'body':>7} {'request':<8} | {'path':<8} | {'req/s':>8} | {'p50 ms':>7} "
+                f"| {'p99 ms':>7} | {'x nginx plain':>13}"
+            )
+            print(head)
+            print("-" * len(head))
+            ratios: dict[tuple[str, str], float] = {}
+            for cid in SIZES:
+                nginx_plain = 0.0
+                for kind, path in (
+                    ("plain", f"/plain/{cid}"),
+                    ("enrich", f"/api/v2/conversations/{cid}"),
+                ):
+                    for name, base in (
+                        ("direct", direct),
+                        ("nginx", via_nginx),
+                        ("sidecar", sidecar),
+                    ):
+                        rps, p50, p99 = wrk(base + path, args.duration, args.connections)
+                        if name == "nginx" and kind == "plain":
+                            nginx_plain = rps
+                        ratio = rps / nginx_plain if nginx_plain else float("nan")
+                        if name == "sidecar":
+                            ratios[(cid, kind)] = ratio
+                        print(
+                            f"{LABELS[cid]:>7} {kind:<8} | {name:<8} | {rps:>8.0f} | {p50:>7.2f} "
+                            f"| {p99:>7.2f} | {ratio:>13.2f}"
+                        )
+                print()
+
+            events_per_s, poll_rps = asyncio.run(
+                ingest(sidecar, direct, args.duration, args.connections)
+            )
+            p50, p99 = asyncio.run(latency(sidecar, direct, args.latency_samples))
+            per_sub = asyncio.run(idle_memory(sidecar, sidecar_proc.pid, args.subscriptions))
+            merges = {label: merge_ms(label) for label in LABELS.values()}
+        finally:
+            procs.stop()
+
+    print("figure                                          | measured      | target")
+    print("-" * 78)
+    rows = [
+        (
+            "enrich GET 2 KiB, x nginx plain proxy",
+            f"{ratios[('c2k', 'enrich')]:.2f}",
+            ">= 0.5",
+            ratios[("c2k", "enrich")] >= 0.5,
+        ),
+        (
+            "enrich GET 64 KiB, x nginx plain proxy",
+            f"{ratios[('c64k', 'enrich')]:.2f}",
+            ">= 0.5",
+            ratios[("c64k", "enrich")] >= 0.5,
+        ),
+        (
+            "plain GET 2 KiB, x nginx",
+            f"{ratios[('c2k', 'plain')]:.2f}",
+            ">= 0.6",
+            ratios[("c2k", "plain")] >= 0.6,
+        ),
+        (
+            "plain GET 64 KiB, x nginx",
+            f"{ratios[('c64k', 'plain')]:.2f}",
+            ">= 0.6",
+            ratios[("c64k", "plain")] >= 0.6,
+        ),
+        ("merge alone, 2 KiB body", f"{merges['2 KiB']:.4f} ms", "", True),
+        ("merge alone, 64 KiB body", f"{merges['64 KiB']:.4f} ms", "", True),
+        ("merge alone, 1 MiB body", f"{merges['1 MiB']:.3f} ms", "< 0.5 ms", merges["1 MiB"] < 0.5),
+        (
+            f"ingest with polls running ({poll_rps:.0f} polls/s)",
+            f"{events_per_s:,.0f} ev/s",
+            ">= 50,000",
+            events_per_s >= 50_000,
+        ),
+        ("event to visible in a GET, p50", f"{p50:.2f} ms", "", True),
+        ("event to visible in a GET, p99", f"{p99:.2f} ms", "< 10 ms", p99 < 10),
+        (
+            f"resident memory per idle subscription ({args.subscriptions})",
+            f"{per_sub:.1f} KiB",
+            "< 20 KiB",
+            per_sub < 20,
+        ),
+    ]
+    for name, value, target, ok in rows:
+        mark = "" if not target else ("  ok" if ok else "  MISSED")
+        print(f"{name:<47} | {value:>13} | {target}{mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
