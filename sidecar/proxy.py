@@ -171,7 +171,7 @@ class Proxy:
         self._streams: set[aiohttp.ClientResponse] = set()
         self._held = 0  # requests held by `Prefer: wait`
         self.upstream = URL(settings.upstream)
-        self._base_path = self.upstream.raw_path.rstrip("/")
+        self._prefix = str(self.upstream.origin()) + self.upstream.raw_path.rstrip("/")
         self.via = "sidecar"
         self._header_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.response_timeout
@@ -224,7 +224,7 @@ class Proxy:
 
     # ------------------------------------------------------------- upstream
     def _url(self, target: str) -> URL:
-        return URL(str(self.upstream.origin()) + self._base_path + target, encoded=True)
+        return URL(self._prefix + target, encoded=True)
 
     async def _send(
         self,
@@ -237,8 +237,9 @@ class Proxy:
         if headers is None:
             headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
         limit = self.settings.max_request_body
+        too_large = UpstreamError(413, f"request body larger than the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            raise UpstreamError(413, f"request body larger than the limit of {limit} bytes")
+            raise too_large
         if data is None and request.body_exists:
             data = _stream_body(request, limit)
         started = time.perf_counter()
@@ -262,9 +263,7 @@ class Proxy:
             )
             return response
         except BodyTooLarge:
-            raise UpstreamError(
-                413, f"request body larger than the limit of {limit} bytes"
-            ) from None
+            raise too_large from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(
                 504,
@@ -274,9 +273,7 @@ class Proxy:
             raise UpstreamError(502, f"upstream unreachable: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
-                raise UpstreamError(
-                    413, f"request body larger than the limit of {limit} bytes"
-                ) from None
+                raise too_large from None
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
 
     async def _relay(
@@ -300,6 +297,10 @@ class Proxy:
                 await response.write(chunk)
             complete = True
             await response.write_eof()
+        except ConnectionResetError:
+            # The client left. (aiohttp's ClientConnectionResetError is also a
+            # ClientConnectionError, so this must come first.)
+            pass
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             if is_stream and self.closing:
                 # Shutting down: end the event stream cleanly, so the
@@ -312,8 +313,6 @@ class Proxy:
                 log.info("upstream body cut off", extra={"reason": repr(exc)})
                 if request.transport is not None:
                     request.transport.close()
-        except ConnectionResetError:
-            pass  # the client left; the upstream response is closed below
         finally:
             self._streams.discard(upstream)
             if complete:
@@ -346,7 +345,7 @@ class Proxy:
             if session_id is not None:
                 conv.set(reducer.learn_session(conv.snapshot, session_id))
         token = reducer.trigger_token(conv.snapshot)
-        upstream = await self._send(request, target, data=data if data is not None else None)
+        upstream = await self._send(request, target, data=data)
         now = time.time()
         if 200 <= upstream.status < 300:
             self.registry.accept_trigger(conv, token, trigger)
@@ -387,7 +386,7 @@ class Proxy:
             if upstream.status != 304:
                 return await self._merge_response(request, upstream, conv)
             if conv.snapshot.digest == snap.digest:
-                return self._not_modified(request, upstream, conv)
+                return await self._not_modified(request, upstream, conv)
             # The snapshot changed while the upstream answered 304: ask again
             # without the condition, so the client gets the new state.
             upstream.release()
@@ -412,15 +411,16 @@ class Proxy:
         finally:
             self._held -= 1
 
-    def _not_modified(
+    async def _not_modified(
         self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
     ) -> web.StreamResponse:
         headers = response_headers(upstream, request.version, self.via)
-        etag = upstream.headers.get("ETag")
-        if etag:
-            headers["ETag"] = merge.merged_etag(etag, conv.snapshot)
+        headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
         upstream.release()
-        return web.Response(status=304, headers=headers)
+        response = PassthroughResponse(status=304, reason=upstream.reason, headers=headers)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
 
     async def _merge_response(
         self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
