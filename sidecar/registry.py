@@ -14,6 +14,7 @@ readable) until the snapshot itself is evicted.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict, deque
@@ -37,6 +38,11 @@ log = logging.getLogger("sidecar.registry")
 
 _SHARED = ""  # the subscription key of a profile's single shared stream
 TRANSITIONS_KEPT = 20
+
+
+def _fingerprint(credentials: Mapping[str, str]) -> str:
+    """Tells credentials apart without keeping them (they are dropped on refusal)."""
+    return hashlib.sha256(repr(sorted(credentials.items())).encode()).hexdigest()
 
 
 class Conversation:
@@ -138,13 +144,19 @@ class Registry:
         """The resource's conversation, with its stream opened if needed."""
         conv = self._remember(resource_id)
         key = _SHARED if self.profile.shared_stream else resource_id
+        credentials = self._credentials(client_headers)
         sub = self._subscriptions.get(key)
         if sub is not None and sub.finished:
-            # Refused earlier (e.g. a 401): this client may be allowed.
+            # Refused earlier (e.g. a 401). Other credentials may be allowed,
+            # and the same ones again after a pause: not on every request,
+            # or each poll of a refused client would cost an upstream request.
+            pause = time.monotonic() - (sub.finished_at or 0.0)
+            if sub.fingerprint == _fingerprint(credentials) and pause < self.settings.reconnect_max:
+                return conv
             del self._subscriptions[key]
             sub = None
         if sub is None:
-            sub = self._open(key, client_headers)
+            sub = self._open(key, credentials)
         else:
             self._subscriptions.move_to_end(key)
         if sub is not None and not self.profile.shared_stream:
@@ -152,6 +164,11 @@ class Registry:
         elif sub is None:
             conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
         return conv
+
+    def _credentials(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        if self.settings.upstream_authorization:
+            return {"Authorization": self.settings.upstream_authorization}
+        return {h: client_headers[h] for h in CREDENTIAL_HEADERS if h in client_headers}
 
     async def ensure_live(self, conv: Conversation, timeout: float) -> bool:
         key = _SHARED if self.profile.shared_stream else conv.id
@@ -253,14 +270,10 @@ class Registry:
             if excess == 0:
                 return
 
-    def _open(self, key: str, client_headers: Mapping[str, str]) -> Subscription | None:
+    def _open(self, key: str, credentials: dict[str, str]) -> Subscription | None:
         if len(self._subscriptions) >= self.settings.max_subscriptions and not self._make_room():
             log.warning("subscription cap reached", extra={"cap": self.settings.max_subscriptions})
             return None
-        if self.settings.upstream_authorization:
-            credentials = {"Authorization": self.settings.upstream_authorization}
-        else:
-            credentials = {h: client_headers[h] for h in CREDENTIAL_HEADERS if h in client_headers}
         path = self.profile.stream.build(key) if key else self.profile.stream.template
         sub = Subscription(
             key=key,
@@ -274,6 +287,7 @@ class Registry:
             backoff=Backoff(self.settings.reconnect_min, self.settings.reconnect_max),
             max_event_bytes=self.settings.max_event_bytes,
         )
+        sub.fingerprint = _fingerprint(credentials)
         self._subscriptions[key] = sub
         sub.start()
         return sub

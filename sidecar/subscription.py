@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -96,6 +97,10 @@ class Subscription:
         self.connects = 0
         self.events = 0
         self.last_failure: str | None = None
+        #: Set by the registry: which credentials this subscription used.
+        self.fingerprint = ""
+        #: When the upstream refused it for good (monotonic), if it did.
+        self.finished_at: float | None = None
         self._live = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -147,6 +152,7 @@ class Subscription:
             except Refused as exc:
                 self.last_failure = str(exc)
                 log.warning("stream refused", extra={"key": self.key, "status": exc.status})
+                self.finished_at = time.monotonic()
                 self._set_stream("lost")
                 self._credentials.clear()
                 return

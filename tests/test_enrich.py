@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import brotli
 import pytest
 
 from sidecar.fake import Outcome
+
+from .conftest import eventually
 
 
 @pytest.mark.parametrize("coding", ["br", "gzip"])
@@ -149,3 +153,20 @@ async def test_no_transform_and_non_json_pass_unchanged(serve, start_sidecar, ht
         assert await resp.json() == {"a": 1}
     async with http.get(sc.url + "/api/v2/conversations/txt") as resp:
         assert await resp.text() == "plain text"
+
+
+async def test_a_refused_client_polling_does_not_reopen_the_stream_each_time(gptme, http) -> None:
+    g = await gptme("0.35.1", token="tok", sidecar_options={"reconnect_max": 30})
+    for _ in range(5):
+        async with http.get(
+            g.url("/api/v2/conversations/c1"), headers={"Authorization": "Bearer bad"}
+        ) as resp:
+            assert resp.status == 401
+        await asyncio.sleep(0.05)
+    streams = [p for m, p in g.fake.requests if p.endswith("/events")]
+    assert len(streams) == 1
+    # Other credentials are tried at once.
+    g.headers = {"Authorization": "Bearer tok"}
+    await g.create("c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
