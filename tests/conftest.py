@@ -84,10 +84,11 @@ class Gptme:
     """A fake gptme upstream with the sidecar in front, and a client for both."""
 
     def __init__(
-        self, fake: FakeGptme, upstream: str, sidecar: Sidecar, http: aiohttp.ClientSession
+        self, fake: FakeGptme, server: TestServer, sidecar: Sidecar, http: aiohttp.ClientSession
     ) -> None:
         self.fake = fake
-        self.upstream = upstream
+        self.server = server  # the upstream's, to stop and start it again
+        self.upstream = str(server.make_url("")).rstrip("/")
         self.sidecar = sidecar
         self.http = http
         self.headers: dict[str, str] = {}
@@ -123,6 +124,14 @@ class Gptme:
     async def session(self, cid: str) -> dict[str, Any]:
         return dict((await self.get(cid))["session"])
 
+    async def live_etag(self, cid: str) -> tuple[str, str]:
+        """The conversation's URL through the sidecar and its current ETag, stream live."""
+        url = self.url(f"/api/v2/conversations/{cid}")
+        await self.get(cid)
+        await eventually(lambda: self.sidecar.snapshot(cid).stream == "live")
+        async with self.http.get(url, headers=self.headers) as resp:
+            return url, resp.headers["ETag"]
+
     async def wait_status(self, cid: str, status: str, timeout: float = 5.0) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -144,8 +153,9 @@ def gptme(
         version: str = "0.31.0", sidecar_options: dict[str, Any] | None = None, **fake_options: Any
     ) -> Gptme:
         fake = FakeGptme(version, **fake_options)
-        upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
+        server = await serve(fake.app)
+        upstream = str(server.make_url("")).rstrip("/")
         sidecar = await start_sidecar(upstream, **(sidecar_options or {}))
-        return Gptme(fake, upstream, sidecar, http)
+        return Gptme(fake, server, sidecar, http)
 
     return start

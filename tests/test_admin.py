@@ -8,8 +8,6 @@ import socket
 from sidecar.app import create_admin_app
 from sidecar.fake import FakeGptme, Outcome
 
-from .conftest import eventually
-
 
 async def test_healthz_never_depends_on_the_upstream(start_sidecar, http) -> None:
     sc = await start_sidecar("http://127.0.0.1:9")  # nothing listens there
@@ -107,11 +105,7 @@ async def test_admin_port_and_token(serve, start_sidecar, http) -> None:
 async def test_long_poll_follows_changes_without_busy_polling(gptme, http) -> None:
     g = await gptme("0.35.1", outcome=Outcome(kind="error", start_delay=0.5))
     sid = await g.create("c1")
-    await g.get("c1")
-    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
-    url = g.url("/api/v2/conversations/c1")
-    async with http.get(url) as resp:
-        etag = resp.headers["ETag"]
+    url, etag = await g.live_etag("c1")
     loop = asyncio.get_running_loop()
     started = loop.time()
     step = asyncio.create_task(g.step("c1", sid))
@@ -130,11 +124,7 @@ async def test_long_poll_follows_changes_without_busy_polling(gptme, http) -> No
 async def test_long_poll_without_change_is_held_for_the_wait_then_304(gptme, http) -> None:
     g = await gptme("0.35.1")
     await g.create("c1")
-    url = g.url("/api/v2/conversations/c1")
-    await g.get("c1")
-    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
-    async with http.get(url) as resp:
-        etag = resp.headers["ETag"]
+    url, etag = await g.live_etag("c1")
     loop = asyncio.get_running_loop()
     started = loop.time()
     async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=0.5"}) as resp:
@@ -177,11 +167,7 @@ async def test_long_poll_works_without_an_upstream_etag(gptme, http) -> None:
     # gptme 0.31.0 sends no ETag: the sidecar's own tag still lets a client wait.
     g = await gptme("0.31.0", outcome=Outcome(kind="error", start_delay=0.3))
     sid = await g.create("c1")
-    url = g.url("/api/v2/conversations/c1")
-    await g.get("c1")
-    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
-    async with http.get(url) as resp:
-        etag = resp.headers["ETag"]
+    url, etag = await g.live_etag("c1")
     assert etag.startswith('W/";sc=')
     step = asyncio.create_task(g.step("c1", sid))
     status = "unknown"
@@ -196,11 +182,7 @@ async def test_long_poll_works_without_an_upstream_etag(gptme, http) -> None:
 async def test_a_new_message_wakes_a_held_get(gptme, http) -> None:
     g = await gptme("0.31.0")
     await g.create("c1")
-    url = g.url("/api/v2/conversations/c1")
-    await g.get("c1")
-    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
-    async with http.get(url) as resp:
-        etag = resp.headers["ETag"]
+    url, etag = await g.live_etag("c1")
     loop = asyncio.get_running_loop()
 
     async def post_later() -> None:

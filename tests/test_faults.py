@@ -4,37 +4,36 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp.test_utils import TestServer
-
-from sidecar.fake import FakeGptme, Outcome
+from sidecar.fake import Outcome
 
 from .conftest import eventually
 
 FAST = {"stale_after": 0.6, "confirm_timeout": 0.5, "start_timeout": 0.5}
 
 
-async def test_killed_mid_generation_and_restarted_ends_the_step_as_failed(
-    serve, start_sidecar, http
-) -> None:
-    fake = FakeGptme("0.31.0", heartbeat=0.2, outcome=Outcome(tokens=10_000, pace=0.01))
-    server: TestServer = await serve(fake.app)
-    port = server.port
-    sc = await start_sidecar(f"http://127.0.0.1:{port}", **FAST)
-    async with http.put(f"{sc.url}/api/v2/conversations/c1", json={"messages": []}) as resp:
-        sid = (await resp.json())["session_id"]
-    async with http.post(
-        f"{sc.url}/api/v2/conversations/c1/step", json={"session_id": sid}
-    ) as resp:
-        assert resp.status == 200
-    await eventually(lambda: sc.snapshot("c1").status == "generating")
+async def generating(gptme, **fake_options):
+    """A fake gptme 0.31.0 with the sidecar in front, a long step under way."""
+    g = await gptme(
+        "0.31.0", outcome=Outcome(tokens=10_000, pace=0.01), sidecar_options=FAST, **fake_options
+    )
+    sid = await g.create("c1")
+    assert (await g.step("c1", sid)).status == 200
+    await g.wait_status("c1", "generating")
+    return g
 
-    fake.restart()  # the process dies: sessions and the running step are gone
-    await server.close()
-    await eventually(lambda: sc.snapshot("c1").stream in ("reconnecting", "connecting"))
-    assert sc.snapshot("c1").generating is True  # not yet known to be dead
-    await serve(fake.app, port=port)  # back, with the log but no sessions
-    await eventually(lambda: sc.snapshot("c1").stream == "live")
-    snap = await eventually(lambda: sc.snapshot("c1").status == "failed" and sc.snapshot("c1"))
+
+async def test_killed_mid_generation_and_restarted_ends_the_step_as_failed(gptme, serve) -> None:
+    g = await generating(gptme, heartbeat=0.2)
+    port = g.server.port  # gone from the server object once it is closed
+    g.fake.restart()  # the process dies: sessions and the running step are gone
+    await g.server.close()
+    await eventually(lambda: g.sidecar.snapshot("c1").stream in ("reconnecting", "connecting"))
+    assert g.sidecar.snapshot("c1").generating is True  # not yet known to be dead
+    await serve(g.fake.app, port=port)  # back, with the log but no sessions
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    snap = await eventually(
+        lambda: g.sidecar.snapshot("c1").status == "failed" and g.sidecar.snapshot("c1")
+    )
     assert "lost mid-step" in snap.last_error
     assert snap.generating is False
 
@@ -54,21 +53,12 @@ async def test_a_stream_dropped_while_work_goes_on_is_not_failed(gptme) -> None:
     await g.wait_status("c1", "completed", timeout=10)
 
 
-async def test_an_upstream_that_stays_down_ends_the_step(serve, start_sidecar, http) -> None:
-    fake = FakeGptme("0.31.0", outcome=Outcome(tokens=10_000, pace=0.01))
-    server = await serve(fake.app)
-    sc = await start_sidecar(str(server.make_url("")).rstrip("/"), **FAST)
-    async with http.put(f"{sc.url}/api/v2/conversations/c1", json={"messages": []}) as resp:
-        sid = (await resp.json())["session_id"]
-    async with http.post(
-        f"{sc.url}/api/v2/conversations/c1/step", json={"session_id": sid}
-    ) as resp:
-        assert resp.status == 200
-    await eventually(lambda: sc.snapshot("c1").status == "generating")
-    fake.restart()
-    await server.close()
+async def test_an_upstream_that_stays_down_ends_the_step(gptme) -> None:
+    g = await generating(gptme)
+    g.fake.restart()
+    await g.server.close()
     snap = await eventually(
-        lambda: sc.snapshot("c1").status == "failed" and sc.snapshot("c1"), timeout=5
+        lambda: g.sidecar.snapshot("c1").status == "failed" and g.sidecar.snapshot("c1"), timeout=5
     )
     assert "did not come back" in snap.last_error
     assert snap.stream == "reconnecting"
