@@ -159,9 +159,9 @@ class Registry:
             sub = self._open(key, credentials)
         else:
             self._subscriptions.move_to_end(key)
-        if sub is not None and not self.profile.shared_stream:
+        if sub is not None:
             conv.subscription = sub
-        elif sub is None:
+        else:
             conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
         return conv
 
@@ -344,6 +344,7 @@ class Registry:
             if not isinstance(resource_id, str) or not profile.valid_id(resource_id):
                 return
             conv = self._remember(resource_id)
+            conv.subscription = sub
             if conv.snapshot.stream != sub.stream:
                 conv.set(reducer.stream_changed(conv.snapshot, sub.stream, time.time()))
         else:

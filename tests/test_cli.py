@@ -48,6 +48,7 @@ async def test_upstream_host_port_serves_with_the_gptme_profile(serve) -> None:
         "127.0.0.1",
         "--port",
         str(port),
+        "--access-log",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -79,8 +80,15 @@ async def test_upstream_host_port_serves_with_the_gptme_profile(serve) -> None:
     finally:
         proc.terminate()
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
-    first = json.loads(out.decode().splitlines()[0])
-    assert first["event"] == "listening" and first["port"] == port
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    (listening,) = [line for line in lines if line["event"] == "listening"]
+    assert listening["port"] == port
+    steps = [
+        line for line in lines if line["event"] == "request" and line["path"].endswith("/step")
+    ]
+    assert steps, lines
+    assert steps[0]["method"] == "POST" and steps[0]["status"] == 200
+    assert steps[0]["duration_ms"] >= 0
 
 
 def test_config_merges_file_env_and_flags_and_masks_secrets(tmp_path: Path) -> None:

@@ -161,7 +161,7 @@ async def test_hostile_ids_never_reach_other_upstream_paths(gptme, version: str,
     from yarl import URL
 
     g = await gptme(version)
-    for raw in ("..%2F..%2Fadmin", "a%2Fb", "%2E%2E", "x" * 300):
+    for raw in ("..%2F..%2Fadmin", "a%2Fb", "%2E%2E", "x" * 300, "a%0D%0AHost:%20evil"):
         url = URL(g.sidecar.url + "/api/v2/conversations/" + raw, encoded=True)
         async with http.get(url) as resp:
             assert resp.status == 404

@@ -241,3 +241,17 @@ async def test_websockets_are_proxied_both_ways(origin, http) -> None:
         assert (await ws.receive()).data == "echo:hi"
         await ws.send_bytes(b"abc")
         assert (await ws.receive()).data == b"cba"
+
+
+async def test_an_absolute_form_target_never_leaves_the_configured_upstream(origin) -> None:
+    host, port = origin.sidecar.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET http://elsewhere.invalid/echo?x=1 HTTP/1.1\r\nHost: elsewhere.invalid\r\n\r\n"
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    (headers,) = origin.seen_headers  # the configured upstream got it, with its own Host
+    assert dict(headers)["Host"] == origin.url.removeprefix("http://")
