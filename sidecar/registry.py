@@ -100,7 +100,7 @@ class Conversation:
         self.wake_waiters()
 
     async def wait_changed(self, timeout: float) -> bool:
-        """Wait until the snapshot changes; False on timeout."""
+        """Wait until the snapshot or the resource's body changes; False on timeout."""
         changed = self._changed
         try:
             await asyncio.wait_for(changed.wait(), timeout)
@@ -144,21 +144,24 @@ class Registry:
         """The resource's conversation, with its stream opened if needed."""
         conv = self._remember(resource_id)
         key = _SHARED if self.profile.shared_stream else resource_id
-        credentials = self._credentials(client_headers)
         sub = self._subscriptions.get(key)
-        if sub is not None and sub.finished:
-            # Refused earlier (e.g. a 401). Other credentials may be allowed,
-            # and the same ones again after a pause: not on every request,
-            # or each poll of a refused client would cost an upstream request.
-            pause = time.monotonic() - (sub.finished_at or 0.0)
-            if sub.fingerprint == _fingerprint(credentials) and pause < self.settings.reconnect_max:
-                return conv
-            del self._subscriptions[key]
-            sub = None
-        if sub is None:
-            sub = self._open(key, credentials)
-        else:
+        if sub is not None and not sub.finished:
             self._subscriptions.move_to_end(key)
+        else:
+            credentials = self._credentials(client_headers)
+            if sub is not None:
+                # Refused earlier (e.g. a 401). Other credentials may be
+                # allowed, and the same ones again after a pause: not on every
+                # request, or each poll of a refused client would cost an
+                # upstream request.
+                pause = time.monotonic() - (sub.finished_at or 0.0)
+                if (
+                    sub.fingerprint == _fingerprint(credentials)
+                    and pause < self.settings.reconnect_max
+                ):
+                    return conv
+                del self._subscriptions[key]
+            sub = self._open(key, credentials)
         if sub is not None:
             conv.subscription = sub
         else:
@@ -174,9 +177,6 @@ class Registry:
         key = _SHARED if self.profile.shared_stream else conv.id
         sub = self._subscriptions.get(key)
         return sub is not None and await sub.wait_live(timeout)
-
-    def update(self, conv: Conversation, snapshot: Snapshot) -> None:
-        conv.set(snapshot)
 
     # ------------------------------------------------------------ evidence
     # Work in flight must keep showing evidence. Two timers enforce it: after
