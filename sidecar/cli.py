@@ -116,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return asyncio.run(run_demo(host=args.host, port=args.port, serve=args.serve))
+            try:
+                return asyncio.run(run_demo(host=args.host, port=args.port, serve=args.serve))
+            except KeyboardInterrupt:
+                return 0  # Ctrl-C ends `demo --serve`: that is how it is meant to stop
         settings = _settings(args)
         profile = load_profile(settings.profile)
         if args.command == "config":

@@ -111,13 +111,18 @@ async def run_demo(host: str = "127.0.0.1", port: int = 0, serve: bool = False) 
             else:
                 print(f"Unexpected: the sidecar reported {session!r}", file=out)
                 ok = False
-        print("\nTry it yourself:", file=out)
-        print(f"  curl -s {upstream}/api/v2/conversations/demo-direct", file=out)
-        print(f"  curl -s {sidecar}/api/v2/conversations/demo-sidecar", file=out)
         if serve:
-            print("\nBoth servers stay up; press Ctrl-C to stop.", file=out)
+            print("\nBoth servers stay up; try them, then press Ctrl-C to stop:", file=out)
+            print(f"  curl -s {upstream}/api/v2/conversations/demo-direct", file=out)
+            print(f"  curl -s {sidecar}/api/v2/conversations/demo-sidecar", file=out)
+            print(f"  open {sidecar}/_sidecar/ for the status page", file=out)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
+        else:
+            print(
+                "\nRun `sidecar demo --serve` to keep both servers up and try them with curl.",
+                file=out,
+            )
         return 0 if ok else 1
     finally:
         await sidecar_runner.cleanup()
