@@ -17,7 +17,7 @@ import orjson
 
 from . import reducer
 from .config import Settings
-from .merge import decode_body, merge
+from .merge import merge
 from .profile import Profile
 from .snapshot import Snapshot
 from .sse import EventDecoder
@@ -206,9 +206,12 @@ async def _enrich(
             f"{profile.enrich_method} {path} -> {status} {content_type}: nothing to merge into"
         )
         return
-    doc: Any = orjson.loads(decode_body(body, "", settings.merge_limit))
-    own = doc.get(profile.key) if isinstance(doc, dict) else None
+    doc = _json_object(body.decode("utf-8", "replace"))
+    if doc is None:
+        report.bad(f"{profile.enrich_method} {path} answers JSON that is not an object: no merge")
+        return
     report.ok(f"{profile.enrich_method} {path} answers JSON ({len(body)} bytes)")
+    own = doc.get(profile.key)
     if own is not None:
         report.note(f"the upstream has its own {profile.key!r}: {orjson.dumps(own).decode()}")
     merged = orjson.loads(merge(body, profile.key, snap))[profile.key]
