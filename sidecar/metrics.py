@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
@@ -96,7 +96,7 @@ class _RegistryCollector(Collector):
         yield _counter(
             "sidecar_reconnects_total",
             "Times an upstream event stream was opened again after it ended.",
-            lambda: reg.reconnects,
+            reg.reconnects,
         )
         yield _labelled_counter(
             "sidecar_events_total",
@@ -107,7 +107,7 @@ class _RegistryCollector(Collector):
         yield _counter(
             "sidecar_malformed_events_total",
             "Events skipped: not JSON, not an object, no type, or over the size bound.",
-            lambda: reg.malformed_events + sum(s.decoder.oversized for s in reg.subscriptions),
+            reg.malformed_events + reg.oversized_events,
         )
 
 
@@ -117,9 +117,9 @@ def _gauge(name: str, doc: str, value: float) -> Metric:
     return family
 
 
-def _counter(name: str, doc: str, value: Callable[[], float]) -> Metric:
+def _counter(name: str, doc: str, value: float) -> Metric:
     family = CounterMetricFamily(name.removesuffix("_total"), doc)
-    family.add_metric([], value())
+    family.add_metric([], value)
     return family
 
 

@@ -126,6 +126,7 @@ class Registry:
         self.events_by_type: Counter[str] = Counter()
         self._known_types = set(profile.events) | set(profile.keepalive_events)
         self.malformed_events = 0
+        self.oversized_retired = 0
         self.reconnects = 0
 
     # ------------------------------------------------------------ lookups
@@ -263,9 +264,7 @@ class Registry:
             if reducer.is_active(conv.snapshot):
                 continue
             del self._conversations[resource_id]
-            sub = self._subscriptions.pop(resource_id, None)
-            if sub is not None:
-                asyncio.get_running_loop().create_task(sub.close())
+            self._retire(resource_id)
             excess -= 1
             if excess == 0:
                 return
@@ -294,11 +293,10 @@ class Registry:
 
     def _make_room(self) -> bool:
         """Close the least recently used idle subscription, if there is one."""
-        for key, sub in self._subscriptions.items():
+        for key in self._subscriptions:  # least recently used first
             conv = self._conversations.get(key)
             if conv is None or not reducer.is_active(conv.snapshot):
-                del self._subscriptions[key]
-                asyncio.get_running_loop().create_task(sub.close())
+                self._retire(key)  # then return: the loop ends with the change
                 if conv is not None:
                     conv.subscription = None
                     conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
@@ -365,9 +363,25 @@ class Registry:
                 self._disarm(conv)
 
     # ------------------------------------------------------------ closing
+    def _retire(self, key: str) -> None:
+        """Forget a subscription and close it; its counts stay in the totals."""
+        sub = self._subscriptions.pop(key, None)
+        if sub is not None:
+            self.oversized_retired += sub.decoder.oversized
+            if not sub.finished:
+                asyncio.get_running_loop().create_task(sub.close())
+
+    @property
+    def oversized_events(self) -> int:
+        """Events dropped for their size, over all subscriptions ever."""
+        return self.oversized_retired + sum(
+            s.decoder.oversized for s in self._subscriptions.values()
+        )
+
     async def close(self) -> None:
         subs = list(self._subscriptions.values())
-        self._subscriptions.clear()
+        for key in list(self._subscriptions):
+            self._retire(key)
         await asyncio.gather(*(sub.close() for sub in subs), return_exceptions=True)
         now = time.time()
         for conv in self._conversations.values():
