@@ -140,3 +140,28 @@ def test_the_demo_shows_the_silent_failure_and_the_fix() -> None:
     assert "still working?" in result.stdout
     assert "status=failed" in result.stdout
     assert "listens on http://127.0.0.1:" in result.stdout
+
+
+def test_a_profile_rule_naming_an_unknown_field_stops_start_up(tmp_path: Path) -> None:
+    good = (Path(__file__).resolve().parent.parent / "config" / "gptme.toml").read_text()
+    cases = {
+        "clear": (
+            good.replace('clear = ["pending_tools"]', 'clear = ["pending_toolz"]'),
+            "events.interrupted.clear: unknown field 'pending_toolz'",
+        ),
+        "status": (
+            good.replace('status = "failed"', 'status = "broken"'),
+            "events.error.status: unknown status 'broken'",
+        ),
+        "key": (
+            good.replace('type_field = "type"', 'type_feild = "type"'),
+            "stream.type_feild: unknown key",
+        ),
+    }
+    for name, (text, message) in cases.items():
+        profile = tmp_path / f"{name}.toml"
+        profile.write_text(text)
+        result = run("--upstream", "http://127.0.0.1:1", "--profile", str(profile))
+        assert result.returncode == 2, name
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
