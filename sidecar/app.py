@@ -58,6 +58,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await probe.aclose()
+        app[PROXY].close()
         await registry.close()
         await requests.close()
         await streams.close()

@@ -27,8 +27,9 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import merge, reducer
+from . import http1, merge, reducer
 from .config import Settings
+from .http1 import UpstreamResponse
 from .metrics import Metrics
 from .profile import Profile, Trigger
 from .registry import Conversation, Registry
@@ -107,7 +108,7 @@ def request_headers(
     return out
 
 
-def response_headers(upstream: aiohttp.ClientResponse, version: Any, via: str) -> CIMultiDict[str]:
+def response_headers(upstream: UpstreamResponse, version: Any, via: str) -> CIMultiDict[str]:
     """The headers sent to the client: the upstream's, less hop-by-hop, plus Via."""
     drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
     out: CIMultiDict[str] = CIMultiDict(
@@ -168,7 +169,7 @@ class Proxy:
         self.metrics = metrics
         self.closing = False
         #: Upstream responses being relayed as SSE: ended on shutdown.
-        self._streams: set[aiohttp.ClientResponse] = set()
+        self._streams: set[UpstreamResponse] = set()
         self._held = 0  # requests held by `Prefer: wait`
         self.upstream = URL(settings.upstream)
         self._prefix = str(self.upstream.origin()) + self.upstream.raw_path.rstrip("/")
@@ -176,6 +177,17 @@ class Proxy:
         self._header_timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout, sock_read=settings.response_timeout
         )
+        # Bodyless GETs to a plain-http upstream take the lean client.
+        self._pool = (
+            http1.Pool(self.upstream.host or "", self.upstream.port or 80, settings.connect_timeout)
+            if self.upstream.scheme == "http"
+            else None
+        )
+        self._base_path = self.upstream.raw_path.rstrip("/")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
 
     def begin_shutdown(self) -> None:
         """End SSE passthroughs cleanly and stop holding long-polls."""
@@ -216,9 +228,15 @@ class Proxy:
             response = _json_error(
                 exc.status, exc.message, upstream=str(self.upstream), method=method, path=path
             )
+        except ConnectionResetError:
+            # The client left while its answer was written: counted as 499, as
+            # nginx does ("client closed request"); nothing more to send.
+            response = web.Response(status=499)
         except Exception:
-            self.metrics.requests.labels(kind, label, "500").inc()
-            raise
+            # A fault of the sidecar itself: logged with its traceback, and
+            # answered plainly; the client never sees a traceback.
+            log.exception("request failed in the sidecar", extra={"method": method, "path": path})
+            response = _json_error(500, "the sidecar failed to handle this request")
         self.metrics.requests.labels(kind, label, str(response.status)).inc()
         return response
 
@@ -232,7 +250,7 @@ class Proxy:
         target: str,
         data: Any = None,
         headers: CIMultiDict[str] | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request upstream; returns once response headers arrived."""
         if headers is None:
             headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
@@ -243,7 +261,16 @@ class Proxy:
         if data is None and request.body_exists:
             data = _stream_body(request, limit)
         started = time.perf_counter()
+        response: UpstreamResponse
         try:
+            if self._pool is not None and request.method == "GET" and data is None:
+                response = await self._pool.get(
+                    self._base_path + target, headers, self.settings.response_timeout
+                )
+                self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
+                    time.perf_counter() - started
+                )
+                return response
             # sock_read bounds the wait for the response headers; it is
             # lifted once they arrive, so a stream never times out.
             response = await self.session.request(
@@ -269,7 +296,7 @@ class Proxy:
                 504,
                 f"upstream sent no response headers within {self.settings.response_timeout:g} s",
             ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, http1.ConnectFailed) as exc:
             raise UpstreamError(502, f"upstream unreachable: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
@@ -277,7 +304,7 @@ class Proxy:
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, first: bytes = b""
+        self, request: web.Request, upstream: UpstreamResponse, first: bytes = b""
     ) -> web.StreamResponse:
         """Stream the upstream's response to the client, chunk by chunk."""
         response = PassthroughResponse(
@@ -359,12 +386,12 @@ class Proxy:
                 return await self._relay(request, upstream, first=body)
         return await self._relay(request, upstream)
 
-    async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes | None:
+    async def _read_small(self, upstream: UpstreamResponse) -> bytes | None:
         """The whole body if it is small and already bounded, else None."""
         length = upstream.content_length
         if length is None or length > TRIGGER_BODY_PEEK:
             return None
-        return await upstream.content.readexactly(length) if length else b""
+        return await _read_at_most(upstream, length)
 
     # ------------------------------------------------------------- enrich
     async def _enrich(
@@ -412,7 +439,7 @@ class Proxy:
             self._held -= 1
 
     async def _not_modified(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
+        self, request: web.Request, upstream: UpstreamResponse, conv: Conversation
     ) -> web.StreamResponse:
         headers = response_headers(upstream, request.version, self.via)
         headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
@@ -423,7 +450,7 @@ class Proxy:
         return response
 
     async def _merge_response(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, conv: Conversation
+        self, request: web.Request, upstream: UpstreamResponse, conv: Conversation
     ) -> web.StreamResponse:
         encoding = upstream.headers.get("Content-Encoding", "")
         cache_control = upstream.headers.get("Cache-Control", "").lower()
@@ -579,7 +606,7 @@ def _prefer_wait(values: Any) -> float | None:
     return None
 
 
-async def _read_at_most(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_at_most(upstream: UpstreamResponse, limit: int) -> bytes:
     """Read the body, stopping once it is known to exceed ``limit``."""
     parts = []
     size = 0

@@ -1,0 +1,353 @@
+"""A lean HTTP/1.1 client for the proxy's hottest path: bodyless GETs to an http upstream.
+
+aiohttp's client builds a request object, a response object, a connector
+lease and timers for every request; for a proxy hop most of that is work
+the proxy then undoes. This client writes the already-filtered request head
+in one ``write`` on a pooled keep-alive connection and parses the answer
+with httptools (llhttp, the parser of Node.js and uvicorn). Everything else
+(bodies, HEAD, WebSocket, https) still goes through aiohttp.
+
+The response object offers the subset of ``aiohttp.ClientResponse`` the
+proxy uses (``status``, ``reason``, ``headers``, ``content_type``,
+``content_length``, ``content.iter_any()``, ``release()``, ``close()``), so
+the relay and the merge do not care which client fetched it.
+
+A pooled connection the upstream has closed is detected on reuse (no byte of
+an answer arrived): the request, a GET, is retried once on a new connection.
+The body is read with back-pressure: reading from the upstream pauses while
+more than ``HIGH_WATER`` bytes wait for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, cast
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = ["ConnectFailed", "Pool", "Response", "UpstreamResponse"]
+
+
+class _Body(Protocol):
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamResponse(Protocol):
+    """What the proxy reads of an upstream answer, from either client."""
+
+    status: int
+    reason: str | None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> _Body: ...
+    def release(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+HIGH_WATER = 256 * 1024
+MAX_IDLE = 256
+
+
+class ConnectFailed(aiohttp.ClientConnectionError):
+    """The upstream could not be reached (``os_error`` says why)."""
+
+    def __init__(self, os_error: OSError) -> None:
+        super().__init__(str(os_error))
+        self.os_error = os_error
+
+
+class UpstreamClosed(aiohttp.ServerDisconnectedError):
+    """The connection closed before any byte of an answer: safe to retry a GET."""
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._response: Response | None = None
+
+    # asyncio protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but are one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if response is None:  # bytes nobody asked for: this connection is unusable
+            self._abort()
+            return
+        response._got_bytes = True
+        try:
+            response._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            response._fail(aiohttp.ClientPayloadError("unexpected protocol upgrade"))
+            self._abort()
+        except httptools.HttpParserError as exc:
+            response._fail(aiohttp.ClientPayloadError(f"invalid HTTP from the upstream: {exc}"))
+            self._abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response, self._response = self._response, None
+        if response is not None:
+            response._connection_lost(exc)
+
+    def pause_writing(self) -> None:  # pragma: no cover - a GET head is tiny
+        pass
+
+    def resume_writing(self) -> None:  # pragma: no cover
+        pass
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # used by Response
+    def start(self, response: Response, head: bytes) -> None:
+        self._response = response
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def finished(self, reusable: bool) -> None:
+        self._response = None
+        if reusable and not self.closed:
+            self._pool._put(self)
+        else:
+            self._abort()
+
+
+class _Content:
+    """What the relay reads: ``iter_any()``, like aiohttp's StreamReader."""
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self._response._chunks()
+
+
+class Response:
+    def __init__(self, connection: _Connection, timeout: float | None) -> None:
+        self._conn = connection
+        self._parser = httptools.HttpResponseParser(self)
+        self._loop = connection._loop
+        self._head: asyncio.Future[None] = self._loop.create_future()
+        self._raw_headers: list[tuple[str, str]] = []
+        self._reason = b""
+        self._body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: BaseException | None = None
+        self._got_bytes = False
+        self._done = False
+        self._timer = (
+            self._loop.call_later(timeout, self._header_timeout) if timeout is not None else None
+        )
+        self.status = 0
+        self.reason: str | None = None
+        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.content = _Content(self)
+        self.connection = None  # no aiohttp connection: nothing for the proxy to adjust
+
+    # properties the proxy reads
+    @property
+    def content_type(self) -> str:
+        raw = self.headers.get("Content-Type", "application/octet-stream")
+        return raw.partition(";")[0].strip().lower()
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("Content-Length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    # httptools callbacks
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._raw_headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer: the real one follows
+            self._raw_headers.clear()
+            self._reason = b""
+            return
+        self.status = status
+        self.reason = self._reason.decode("utf-8", "surrogateescape") or None
+        self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._head.done():
+            self._head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused and self._conn.transport is not None:
+            self._paused = True
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status == 0:  # the end of an interim (1xx) message
+            return
+        self._eof = True
+        self._wake()
+        self._finish(reusable=self._parser.should_keep_alive())
+
+    # failures
+    def _header_timeout(self) -> None:
+        self._fail(aiohttp.ServerTimeoutError("no response headers in time"))
+        self._conn._abort()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._eof:
+            return
+        if (
+            self._head.done()
+            and "Content-Length" not in self.headers
+            and "chunked" not in (self.headers.get("Transfer-Encoding", "").lower())
+        ):
+            self._eof = True  # a body delimited by the end of the connection
+            self._wake()
+            self._finish(reusable=False)
+            return
+        if not self._got_bytes:
+            self._fail(UpstreamClosed("the upstream closed the connection"))
+        else:
+            self._fail(aiohttp.ClientPayloadError("the upstream closed the connection mid-message"))
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._head.done():
+            self._head.set_exception(error)
+        self._wake()
+        self._finish(reusable=False)
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _finish(self, reusable: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._conn.finished(reusable)
+
+    # reading
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            if self._body:
+                chunk = self._body.popleft()
+                self._buffered -= len(chunk)
+                if self._paused and self._buffered <= HIGH_WATER // 4 and self._conn.transport:
+                    self._paused = False
+                    self._conn.transport.resume_reading()
+                yield chunk
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return
+            self._waiter = self._loop.create_future()
+            await self._waiter
+
+    def release(self) -> None:
+        """Done with the response: the connection goes back to the pool if it can."""
+        if not self._eof:
+            self.close()
+
+    def close(self) -> None:
+        """Abandon the response: a reader waiting for more is woken with an error."""
+        if not self._eof:
+            self._fail(aiohttp.ClientConnectionError("the response was closed"))
+
+
+class Pool:
+    """Keep-alive connections to one plain-http upstream."""
+
+    def __init__(self, host: str, port: int, connect_timeout: float) -> None:
+        self._host = host
+        self._port = port
+        self._connect_timeout = connect_timeout
+        self._idle: collections.deque[_Connection] = collections.deque()
+
+    async def get(
+        self, target: str, headers: CIMultiDict[str], header_timeout: float | None
+    ) -> Response:
+        head = _head("GET", target, headers)
+        for attempt in range(2):
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
+            response = Response(conn, header_timeout)
+            conn.start(response, head)
+            try:
+                await response._head
+            except UpstreamClosed:
+                if reused and attempt == 0:
+                    continue  # a stale pooled connection: once more, on a new one
+                raise
+            return response
+        raise AssertionError("unreachable")
+
+    def _take_idle(self) -> _Connection | None:
+        """An idle connection still open, if any; dead ones are dropped on the way."""
+        while self._idle:
+            conn = self._idle.pop()  # the most recently used is the likeliest alive
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self), self._host, self._port
+                )
+        except TimeoutError:
+            raise aiohttp.ServerTimeoutError(
+                f"connecting to {self._host}:{self._port} timed out"
+            ) from None
+        except OSError as exc:
+            raise ConnectFailed(exc) from None
+        return conn
+
+    def _put(self, conn: _Connection) -> None:
+        self._idle.append(conn)
+        while len(self._idle) > MAX_IDLE:
+            self._idle.popleft()._abort()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop()._abort()
+
+
+def _head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
