@@ -484,14 +484,13 @@ class Proxy:
             return await self._relay(request, upstream, first=body)
         self.metrics.merges.labels("merged").inc()
         headers = response_headers(upstream, request.version, self.via)
-        headers.popall("Content-Length", None)
+        headers["Content-Length"] = str(len(out))  # known: headers go out with the body
         headers.popall("Content-MD5", None)
         headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
         upstream.release()
         response = PassthroughResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
-        response.content_length = len(out)
         await response.prepare(request)
         await response.write(out)
         await response.write_eof()
