@@ -176,6 +176,10 @@ class Response:
         return int(value) if value is not None and value.isdigit() else None
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._eof:  # a second answer nobody asked for: the connection is unusable
+            raise ValueError("unsolicited message from the upstream")
+
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
@@ -266,10 +270,10 @@ class Response:
                     self._conn.transport.resume_reading()
                 yield chunk
                 continue
+            if self._eof:  # complete: a later connection error is not this message's
+                return
             if self._error is not None:
                 raise self._error
-            if self._eof:
-                return
             self._waiter = self._loop.create_future()
             await self._waiter
 
@@ -309,6 +313,11 @@ class Pool:
             except UpstreamClosed:
                 if reused and attempt == 0:
                     continue  # a stale pooled connection: once more, on a new one
+                raise
+            except BaseException:
+                # Cancelled (the client left) or failed: nobody will read this
+                # answer, so its connection must not wait for it.
+                response.close()
                 raise
             return response
         raise AssertionError("unreachable")
