@@ -124,6 +124,13 @@ class Processes:
         self.procs.append(proc)
         return proc
 
+    def start_sidecar(self, upstream_port: int, port: int, *extra: str) -> subprocess.Popen[bytes]:
+        """The sidecar as a real process, in front of the upstream on that port."""
+        return self.start(
+            sys.executable, "-m", "sidecar", "--upstream", f"http://127.0.0.1:{upstream_port}",
+            "--port", str(port), "--log-level", "warning", *extra,
+        )  # fmt: skip
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.terminate()
@@ -261,18 +268,8 @@ def main() -> int:
                 NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
             )
             procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
-            sidecar_proc = procs.start(
-                sys.executable,
-                "-m",
-                "sidecar",
-                "--upstream",
-                f"http://127.0.0.1:{up_port}",
-                "--port",
-                str(sc_port),
-                "--log-level",
-                "warning",
-                "--max-subscriptions",
-                str(args.subscriptions + 100),
+            sidecar_proc = procs.start_sidecar(
+                up_port, sc_port, "--max-subscriptions", str(args.subscriptions + 100)
             )
             wait_port(nx_port)
             wait_port(sc_port)

@@ -98,17 +98,7 @@ def main() -> int:
     try:
         procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(up_port))
         wait_port(up_port)
-        sidecar = procs.start(
-            sys.executable,
-            "-m",
-            "sidecar",
-            "--upstream",
-            f"http://127.0.0.1:{up_port}",
-            "--port",
-            str(sc_port),
-            "--log-level",
-            "warning",
-        )
+        sidecar = procs.start_sidecar(up_port, sc_port)
         wait_port(sc_port)
         return asyncio.run(
             soak(args, f"http://127.0.0.1:{sc_port}", f"http://127.0.0.1:{up_port}", sidecar.pid)

@@ -9,6 +9,14 @@ from sidecar.profile import Profile, load_profile
 from sidecar.snapshot import Snapshot
 
 T = 1_700_000_000.0
+#: gptme 0.35.1's `connected` for a brand-new session: nothing generating, no error.
+CONNECTED_IDLE = {
+    "type": "connected",
+    "session_id": "s",
+    "generating": False,
+    "last_error": None,
+    "pending_tools": [],
+}
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +118,7 @@ def test_connected_with_no_state_fields_stays_unknown(gptme: Profile) -> None:
 
 def test_connected_not_generating_proves_nothing(gptme: Profile) -> None:
     # gptme 0.35.1 describes the new observer session, not the conversation.
-    event = {
-        "type": "connected",
-        "session_id": "s",
-        "generating": False,
-        "last_error": None,
-        "pending_tools": [],
-    }
-    assert feed(gptme, Snapshot(), event).status == "unknown"
+    assert feed(gptme, Snapshot(), CONNECTED_IDLE).status == "unknown"
 
 
 @pytest.mark.parametrize(
@@ -131,14 +132,7 @@ def test_connected_not_generating_proves_nothing(gptme: Profile) -> None:
 def test_connected_with_positive_evidence_is_used_while_unknown(
     gptme: Profile, fields: dict, status: str
 ) -> None:
-    event = {
-        "type": "connected",
-        "session_id": "s",
-        "generating": False,
-        "last_error": None,
-        "pending_tools": [],
-    }
-    snap = feed(gptme, Snapshot(), {**event, **fields})
+    snap = feed(gptme, Snapshot(), {**CONNECTED_IDLE, **fields})
     assert snap.status == status
 
 
