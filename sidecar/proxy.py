@@ -255,9 +255,8 @@ class Proxy:
         if headers is None:
             headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
         limit = self.settings.max_request_body
-        too_large = UpstreamError(413, f"request body larger than the limit of {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            raise too_large
+            raise _too_large(limit)
         if data is None and request.body_exists:
             data = _stream_body(request, limit)
         started = time.perf_counter()
@@ -267,30 +266,24 @@ class Proxy:
                 response = await self._pool.get(
                     self._base_path + target, headers, self.settings.response_timeout
                 )
-                self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
-                    time.perf_counter() - started
+            else:
+                # sock_read bounds the wait for the response headers; it is
+                # lifted once they arrive, so a stream never times out.
+                client_response = await self.session.request(
+                    request.method,
+                    self._url(target),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    timeout=self._header_timeout,
                 )
-                return response
-            # sock_read bounds the wait for the response headers; it is
-            # lifted once they arrive, so a stream never times out.
-            response = await self.session.request(
-                request.method,
-                self._url(target),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=self._header_timeout,
-            )
-            connection = response.connection
-            if connection is not None and connection.protocol is not None:
-                connection.protocol.read_timeout = None
-                connection.protocol.start_timeout()  # cancels the pending timer
-            self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
-                time.perf_counter() - started
-            )
-            return response
+                connection = client_response.connection
+                if connection is not None and connection.protocol is not None:
+                    connection.protocol.read_timeout = None
+                    connection.protocol.start_timeout()  # cancels the pending timer
+                response = client_response
         except BodyTooLarge:
-            raise too_large from None
+            raise _too_large(limit) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(
                 504,
@@ -300,8 +293,12 @@ class Proxy:
             raise UpstreamError(502, f"upstream unreachable: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
             if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
-                raise too_large from None
+                raise _too_large(limit) from None
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
+        self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
+            time.perf_counter() - started
+        )
+        return response
 
     async def _relay(
         self, request: web.Request, upstream: UpstreamResponse, first: bytes = b""
@@ -569,6 +566,10 @@ def _is_websocket(request: web.Request) -> bool:
 
 class BodyTooLarge(Exception):
     pass
+
+
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError(413, f"request body larger than the limit of {limit} bytes")
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
