@@ -10,6 +10,11 @@
 
 What this module adds to a message and what it removes is all in
 :func:`request_headers` and :func:`response_headers`.
+
+The proxy works on an :class:`Exchange`: one request and the means to answer
+it. Two servers provide one: aiohttp (:class:`WebExchange`, every kind of
+request) and the front door in :mod:`sidecar.front` (bodyless HTTP/1.1 GETs,
+the hot path), so a GET is proxied by the same code whichever server read it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import HttpVersion, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -34,7 +39,7 @@ from .metrics import Metrics
 from .profile import Profile, Trigger
 from .registry import Conversation, Registry
 
-__all__ = ["Proxy"]
+__all__ = ["Exchange", "Proxy", "WebExchange"]
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -67,7 +72,6 @@ _WEBSOCKET_DROP = frozenset(
 #: Bodies up to this size on a trigger are read whole (then forwarded as they
 #: came) to learn the client's session id; larger ones just stream through.
 TRIGGER_BODY_PEEK = 64 * 1024
-KIND = web.RequestKey("sidecar_kind", str)  # the route kind, for metrics
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -85,26 +89,55 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return tokens
 
 
+class Exchange(Protocol):
+    """One client request and the means to answer it, whichever server read it.
+
+    ``respond`` sends a whole answer (headers and body in one write where the
+    server can); ``start``, ``write`` and ``finish`` stream one. Headers are
+    sent as given: a body of known length carries its ``Content-Length``.
+    ``status`` is what was answered, for metrics and the access log.
+    """
+
+    method: str
+    version: HttpVersion
+    remote: str | None
+    scheme: str
+    kind: str
+    status: int
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def started(self) -> bool: ...
+    def body(self, limit: int) -> AsyncIterator[bytes] | None: ...
+    async def respond(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
+    ) -> None: ...
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None: ...
+    async def write(self, chunk: bytes) -> None: ...
+    async def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 def request_headers(
-    request: web.BaseRequest, upstream: URL, preserve_host: bool, via: str
+    exchange: Exchange, upstream: URL, preserve_host: bool, via: str
 ) -> CIMultiDict[str]:
     """The headers sent upstream: the client's, less hop-by-hop, plus forwarding."""
-    drop = _REQUEST_DROP | _connection_tokens(request.headers)
-    out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k.lower() not in drop
-    )
-    client_host = request.headers.get("Host")
+    client = exchange.headers
+    drop = _REQUEST_DROP | _connection_tokens(client)
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in drop)
+    client_host = client.get("Host")
     if preserve_host and client_host:
         out["Host"] = client_host
     else:
         out["Host"] = upstream.raw_authority
-    peer = request.remote or "unknown"
-    prior = ", ".join(request.headers.getall("X-Forwarded-For", ()))
+    peer = exchange.remote or "unknown"
+    prior = ", ".join(client.getall("X-Forwarded-For", ()))
     out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
+    out["X-Forwarded-Proto"] = exchange.scheme
     if client_host:
         out["X-Forwarded-Host"] = client_host
-    out["Via"] = _append_via(request.headers.getall("Via", ()), request.version, via)
+    out["Via"] = _append_via(client.getall("Via", ()), exchange.version, via)
     return out
 
 
@@ -144,9 +177,55 @@ class PassthroughResponse(web.StreamResponse):
             self.headers.popall(name, None)
 
 
-def _json_error(status: int, message: str, **extra: Any) -> web.Response:
-    body = {"error": message, "source": "sidecar", **extra}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+class WebExchange:
+    """An exchange read by aiohttp's server: any method, bodies, WebSocket."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.method = request.method
+        self.headers = request.headers
+        self.version = request.version
+        self.remote = request.remote
+        self.scheme = request.scheme
+        self.kind = "pass"
+        self.status = 0
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+    def body(self, limit: int) -> AsyncIterator[bytes] | None:
+        request = self.request
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit)
+        return _stream_body(request, limit) if request.body_exists else None
+
+    async def respond(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
+    ) -> None:
+        await self.start(status, reason, headers)
+        assert self.response is not None
+        if body:
+            await self.response.write(body)
+        await self.response.write_eof()
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        self.status = status
+        self.response = PassthroughResponse(status=status, reason=reason, headers=headers)
+        await self.response.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(chunk)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
 
 
 def _is_json(content_type: str) -> bool:
@@ -190,13 +269,18 @@ class Proxy:
             self._pool.close()
 
     def begin_shutdown(self) -> None:
-        """End SSE passthroughs cleanly and stop holding long-polls."""
+        """End SSE passthroughs cleanly and answer held long-polls now."""
         self.closing = True
         for upstream in list(self._streams):
             upstream.close()
+        if self._held:
+            for conv in self.registry.conversations():
+                conv.wake_waiters()
 
     # ------------------------------------------------------------ routing
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve a request read by aiohttp's server."""
+        exchange = WebExchange(request)
         target = request.raw_path
         if not target.startswith("/"):
             # An absolute-form target ("GET http://elsewhere/ HTTP/1.1"): only
@@ -204,41 +288,71 @@ class Proxy:
             target = request.rel_url.raw_path_qs
         path = target.partition("?")[0]
         method = request.method
-        trigger = resource_id = None
+        work: Awaitable[None]
         if _is_websocket(request):
-            kind = "websocket"
+            exchange.kind = "websocket"
+            work = self._websocket(exchange, target)
         elif (trigger := self.profile.match_trigger(method, path)) is not None:
-            kind = "trigger"
-        elif (resource_id := self.profile.match_enrich(method, path)) is not None:
-            kind = "enrich"
+            exchange.kind = "trigger"
+            work = self._trigger(exchange, target, *trigger)
         else:
-            kind = "pass"
-        request[KIND] = kind
-        label = method if method in _METHODS else "OTHER"
+            work = self._route(exchange, target, path)
+        await self.serve(exchange, path, work)
+        if exchange.response is None:  # the client left before any answer
+            return web.Response(status=exchange.status)
+        return exchange.response
+
+    def handle_get(self, exchange: Exchange, target: str, path: str) -> Awaitable[None]:
+        """Serve a bodyless GET read by the front door (its target is origin-form)."""
+        return self.serve(exchange, path, self._route(exchange, target, path))
+
+    def _route(self, exchange: Exchange, target: str, path: str) -> Awaitable[None]:
+        resource_id = self.profile.match_enrich(exchange.method, path)
+        if resource_id is not None:
+            exchange.kind = "enrich"
+            return self._enrich(exchange, target, resource_id)
+        return self._pass(exchange, target)
+
+    async def serve(self, exchange: Exchange, path: str, work: Awaitable[None]) -> None:
+        """Run one exchange's work; every failure becomes a clear answer, then a metric."""
+        method = exchange.method
         try:
-            if kind == "websocket":
-                response = await self._websocket(request, target)
-            elif trigger is not None:
-                response = await self._trigger(request, target, *trigger)
-            elif resource_id is not None:
-                response = await self._enrich(request, target, resource_id)
-            else:
-                response = await self._pass(request, target)
+            await work
         except UpstreamError as exc:
-            response = _json_error(
-                exc.status, exc.message, upstream=str(self.upstream), method=method, path=path
+            await self._error(
+                exchange,
+                exc.status,
+                exc.message,
+                upstream=str(self.upstream),
+                method=method,
+                path=path,
             )
         except ConnectionResetError:
             # The client left while its answer was written: counted as 499, as
             # nginx does ("client closed request"); nothing more to send.
-            response = web.Response(status=499)
+            exchange.status = 499
         except Exception:
             # A fault of the sidecar itself: logged with its traceback, and
             # answered plainly; the client never sees a traceback.
             log.exception("request failed in the sidecar", extra={"method": method, "path": path})
-            response = _json_error(500, "the sidecar failed to handle this request")
-        self.metrics.requests.labels(kind, label, str(response.status)).inc()
-        return response
+            await self._error(exchange, 500, "the sidecar failed to handle this request")
+        label = method if method in _METHODS else "OTHER"
+        self.metrics.requests.labels(exchange.kind, label, str(exchange.status)).inc()
+
+    async def _error(self, exchange: Exchange, status: int, message: str, **extra: Any) -> None:
+        if exchange.started:
+            # Too late for an error answer: the cut connection tells the
+            # client its answer is incomplete.
+            exchange.abort()
+            return
+        body = orjson.dumps({"error": message, "source": "sidecar", **extra})
+        headers = CIMultiDict(
+            {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        )
+        try:
+            await exchange.respond(status, None, headers, body)
+        except ConnectionResetError:
+            exchange.status = 499
 
     # ------------------------------------------------------------- upstream
     def _url(self, target: str) -> URL:
@@ -246,23 +360,23 @@ class Proxy:
 
     async def _send(
         self,
-        request: web.Request,
+        exchange: Exchange,
         target: str,
         data: Any = None,
         headers: CIMultiDict[str] | None = None,
     ) -> UpstreamResponse:
         """Send the request upstream; returns once response headers arrived."""
         if headers is None:
-            headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+            headers = request_headers(
+                exchange, self.upstream, self.settings.preserve_host, self.via
+            )
         limit = self.settings.max_request_body
-        if request.content_length is not None and request.content_length > limit:
-            raise _too_large(limit)
-        if data is None and request.body_exists:
-            data = _stream_body(request, limit)
+        if data is None:
+            data = exchange.body(limit)
         started = time.perf_counter()
         response: UpstreamResponse
         try:
-            if self._pool is not None and request.method == "GET" and data is None:
+            if self._pool is not None and exchange.method == "GET" and data is None:
                 response = await self._pool.get(
                     self._base_path + target, headers, self.settings.response_timeout
                 )
@@ -270,7 +384,7 @@ class Proxy:
                 # sock_read bounds the wait for the response headers; it is
                 # lifted once they arrive, so a stream never times out.
                 client_response = await self.session.request(
-                    request.method,
+                    exchange.method,
                     self._url(target),
                     headers=headers,
                     data=data,
@@ -295,32 +409,26 @@ class Proxy:
             if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
                 raise _too_large(limit) from None
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
-        self.metrics.upstream_latency.labels(request.get(KIND, "pass")).observe(
-            time.perf_counter() - started
-        )
+        self.metrics.upstream_latency.labels(exchange.kind).observe(time.perf_counter() - started)
         return response
 
     async def _relay(
-        self, request: web.Request, upstream: UpstreamResponse, first: bytes = b""
-    ) -> web.StreamResponse:
+        self, exchange: Exchange, upstream: UpstreamResponse, first: bytes = b""
+    ) -> None:
         """Stream the upstream's response to the client, chunk by chunk."""
-        response = PassthroughResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream, request.version, self.via),
-        )
+        headers = response_headers(upstream, exchange.version, self.via)
         is_stream = upstream.content_type == "text/event-stream"
         if is_stream:
             self._streams.add(upstream)
         complete = False
         try:
-            await response.prepare(request)
+            await exchange.start(upstream.status, upstream.reason, headers)
             if first:
-                await response.write(first)
+                await exchange.write(first)
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+                await exchange.write(chunk)
             complete = True
-            await response.write_eof()
+            await exchange.finish()
         except ConnectionResetError:
             # The client left. (aiohttp's ClientConnectionResetError is also a
             # ClientConnectionError, so this must come first.)
@@ -330,30 +438,29 @@ class Proxy:
                 # Shutting down: end the event stream cleanly, so the
                 # client's EventSource reconnects (to another replica).
                 with contextlib.suppress(ConnectionResetError):
-                    await response.write_eof()
+                    await exchange.finish()
             else:
                 # The upstream broke off mid-body. Ending the response normally
                 # would tell the client it has it all: cut the connection.
                 log.info("upstream body cut off", extra={"reason": repr(exc)})
-                if request.transport is not None:
-                    request.transport.close()
+                exchange.abort()
         finally:
             self._streams.discard(upstream)
             if complete:
                 upstream.release()
             else:
                 upstream.close()
-        return response
 
     # ------------------------------------------------------------ plain
-    async def _pass(self, request: web.Request, target: str) -> web.StreamResponse:
-        upstream = await self._send(request, target)
-        return await self._relay(request, upstream)
+    async def _pass(self, exchange: Exchange, target: str) -> None:
+        upstream = await self._send(exchange, target)
+        await self._relay(exchange, upstream)
 
     # ------------------------------------------------------------ trigger
     async def _trigger(
-        self, request: web.Request, target: str, trigger: Trigger, resource_id: str
-    ) -> web.StreamResponse:
+        self, exchange: WebExchange, target: str, trigger: Trigger, resource_id: str
+    ) -> None:
+        request = exchange.request
         conv = self.registry.observe(resource_id, request.headers)
         live = await self.registry.ensure_live(conv, self.settings.trigger_wait)
         if not live:
@@ -369,7 +476,7 @@ class Proxy:
             if session_id is not None:
                 conv.set(reducer.learn_session(conv.snapshot, session_id))
         token = reducer.trigger_token(conv.snapshot)
-        upstream = await self._send(request, target, data=data)
+        upstream = await self._send(exchange, target, data=data)
         now = time.time()
         if 200 <= upstream.status < 300:
             self.registry.accept_trigger(conv, token, trigger)
@@ -380,8 +487,9 @@ class Proxy:
                 error = _json_field(decoded, trigger.error_field) if decoded else None
                 if error is not None:
                     conv.set(reducer.fail_trigger(conv.snapshot, token, error, now))
-                return await self._relay(request, upstream, first=body)
-        return await self._relay(request, upstream)
+                await self._relay(exchange, upstream, first=body)
+                return
+        await self._relay(exchange, upstream)
 
     async def _read_small(self, upstream: UpstreamResponse) -> bytes | None:
         """The whole body if it is small and already bounded, else None."""
@@ -391,40 +499,42 @@ class Proxy:
         return await _read_at_most(upstream, length)
 
     # ------------------------------------------------------------- enrich
-    async def _enrich(
-        self, request: web.Request, target: str, resource_id: str
-    ) -> web.StreamResponse:
-        conv = self.registry.observe(resource_id, request.headers)
-        await self._hold_until_changed(request, conv)
-        headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+    async def _enrich(self, exchange: Exchange, target: str, resource_id: str) -> None:
+        conv = self.registry.observe(resource_id, exchange.headers)
+        await self._hold_until_changed(exchange, conv)
+        headers = request_headers(exchange, self.upstream, self.settings.preserve_host, self.via)
         for _attempt in range(2):
             snap = conv.snapshot
-            inm = request.headers.get("If-None-Match")
+            inm = exchange.headers.get("If-None-Match")
             if inm is not None:
                 translated = merge.translate_if_none_match(inm, snap)
                 if translated is None:
                     headers.popall("If-None-Match", None)
                 else:
                     headers["If-None-Match"] = translated
-            upstream = await self._send(request, target, headers=headers)
+            upstream = await self._send(exchange, target, headers=headers)
             if upstream.status != 304:
-                return await self._merge_response(request, upstream, conv)
+                await self._merge_response(exchange, upstream, conv)
+                return
             if conv.snapshot.digest == snap.digest:
-                return await self._not_modified(request, upstream, conv)
+                await self._not_modified(exchange, upstream, conv)
+                return
             # The snapshot changed while the upstream answered 304: ask again
             # without the condition, so the client gets the new state.
             upstream.release()
             headers.popall("If-None-Match", None)
         raise AssertionError("unreachable: the second attempt is unconditional")
 
-    async def _hold_until_changed(self, request: web.Request, conv: Conversation) -> None:
+    async def _hold_until_changed(self, exchange: Exchange, conv: Conversation) -> None:
         """``Prefer: wait=N`` with an If-None-Match of the current state (RFC 7240).
 
         The request is held until the snapshot changes or N seconds pass,
         then answered as usual: push-like latency for a plain REST client.
         """
-        wait = _prefer_wait(request.headers.getall("Prefer", ()))
-        inm = request.headers.get("If-None-Match")
+        if "Prefer" not in exchange.headers:
+            return
+        wait = _prefer_wait(exchange.headers.getall("Prefer", ()))
+        inm = exchange.headers.get("If-None-Match")
         if wait is None or inm is None or self.closing or self._held >= self.settings.max_held:
             return
         if conv.snapshot.digest not in merge.etag_digests(inm):
@@ -436,19 +546,16 @@ class Proxy:
             self._held -= 1
 
     async def _not_modified(
-        self, request: web.Request, upstream: UpstreamResponse, conv: Conversation
-    ) -> web.StreamResponse:
-        headers = response_headers(upstream, request.version, self.via)
+        self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation
+    ) -> None:
+        headers = response_headers(upstream, exchange.version, self.via)
         headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
         upstream.release()
-        response = PassthroughResponse(status=304, reason=upstream.reason, headers=headers)
-        await response.prepare(request)
-        await response.write_eof()
-        return response
+        await exchange.respond(304, upstream.reason, headers, b"")
 
     async def _merge_response(
-        self, request: web.Request, upstream: UpstreamResponse, conv: Conversation
-    ) -> web.StreamResponse:
+        self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation
+    ) -> None:
         encoding = upstream.headers.get("Content-Encoding", "")
         cache_control = upstream.headers.get("Cache-Control", "").lower()
         length = upstream.content_length
@@ -466,11 +573,13 @@ class Proxy:
             skip = "too_large"
         if skip is not None:
             self.metrics.merges.labels(skip).inc()
-            return await self._relay(request, upstream)
+            await self._relay(exchange, upstream)
+            return
         body = await _read_at_most(upstream, limit)
         if len(body) > limit:  # a chunked body larger than the limit
             self.metrics.merges.labels("too_large").inc()
-            return await self._relay(request, upstream, first=body)
+            await self._relay(exchange, upstream, first=body)
+            return
         try:
             decoded = merge.decode_body(body, encoding, limit)
             merged = merge.merge(decoded, self.profile.key, conv.snapshot)
@@ -478,24 +587,20 @@ class Proxy:
         except (merge.MergeError, OSError, ValueError) as exc:
             log.info("body passed unmerged", extra={"reason": str(exc), "resource": conv.id})
             self.metrics.merges.labels("invalid").inc()
-            return await self._relay(request, upstream, first=body)
+            await self._relay(exchange, upstream, first=body)
+            return
         self.metrics.merges.labels("merged").inc()
-        headers = response_headers(upstream, request.version, self.via)
+        headers = response_headers(upstream, exchange.version, self.via)
         headers["Content-Length"] = str(len(out))  # known: headers go out with the body
         headers.popall("Content-MD5", None)
         headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
         upstream.release()
-        response = PassthroughResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        await response.prepare(request)
-        await response.write(out)
-        await response.write_eof()
-        return response
+        await exchange.respond(upstream.status, upstream.reason, headers, out)
 
     # ---------------------------------------------------------- websocket
-    async def _websocket(self, request: web.Request, target: str) -> web.StreamResponse:
-        headers = request_headers(request, self.upstream, self.settings.preserve_host, self.via)
+    async def _websocket(self, exchange: WebExchange, target: str) -> None:
+        request = exchange.request
+        headers = request_headers(exchange, self.upstream, self.settings.preserve_host, self.via)
         for name in _WEBSOCKET_DROP:
             headers.popall(name, None)
         protocols = [
@@ -512,7 +617,9 @@ class Proxy:
                     url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            return _json_error(exc.status, f"upstream refused the WebSocket: {exc.message}")
+            raise UpstreamError(
+                exc.status, f"upstream refused the WebSocket: {exc.message}"
+            ) from None
         except TimeoutError:
             raise UpstreamError(504, "upstream did not accept the WebSocket in time") from None
         except aiohttp.ClientConnectorError as exc:
@@ -522,6 +629,8 @@ class Proxy:
             autoping=False,
             max_msg_size=0,
         )
+        exchange.response = client_ws
+        exchange.status = 101
         await client_ws.prepare(request)
 
         async def pump(src: Any, dst: Any) -> None:
@@ -550,7 +659,6 @@ class Proxy:
                     await task
             await upstream_ws.close()
             await client_ws.close()
-        return client_ws
 
 
 # ------------------------------------------------------------------ helpers
