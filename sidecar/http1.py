@@ -214,6 +214,11 @@ class Response:
         if self.status == 0:  # the end of an interim (1xx) message
             return
         self._eof = True
+        if self._paused and self._conn.transport is not None:
+            # The whole message is in: the connection goes back to the pool
+            # reading, whatever this response's reader still has to take.
+            self._paused = False
+            self._conn.transport.resume_reading()
         self._wake()
         self._finish(reusable=self._parser.should_keep_alive())
 
@@ -276,6 +281,15 @@ class Response:
                 raise self._error
             self._waiter = self._loop.create_future()
             await self._waiter
+
+    def complete_body(self) -> bytes | None:
+        """The whole body if it has all arrived and none of it was read yet."""
+        if not self._eof:
+            return None
+        body = b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        return body
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool if it can."""
@@ -356,7 +370,7 @@ class Pool:
 
 
 def _head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
     lines.append("\r\n")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    return "".join(lines).encode("utf-8", "surrogateescape")

@@ -70,7 +70,9 @@ class PathTemplate:
             return None
         if not self.has_id:
             return ""
-        resource_id = unquote(m.group(1), errors="strict")
+        resource_id = m.group(1)
+        if "%" in resource_id:
+            resource_id = unquote(resource_id, errors="strict")
         if not valid_id(resource_id, self._id_pattern):
             return None
         return resource_id

@@ -82,11 +82,13 @@ class UpstreamError(Exception):
         self.message = message
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
+    """``always``, plus the headers the message's ``Connection`` names (hop-by-hop too)."""
+    if "Connection" not in headers:
+        return always
+    tokens = {t.strip().lower() for value in headers.getall("Connection") for t in value.split(",")}
+    tokens.discard("")
+    return always | tokens
 
 
 class Exchange(Protocol):
@@ -124,8 +126,10 @@ def request_headers(
 ) -> CIMultiDict[str]:
     """The headers sent upstream: the client's, less hop-by-hop, plus forwarding."""
     client = exchange.headers
-    drop = _REQUEST_DROP | _connection_tokens(client)
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in client.items() if k.lower() not in drop)
+    drop = _dropped(client, _REQUEST_DROP)
+    out: CIMultiDict[str] = CIMultiDict(
+        [(k, v) for k, v in client.items() if k.lower() not in drop]
+    )
     client_host = client.get("Host")
     if preserve_host and client_host:
         out["Host"] = client_host
@@ -143,17 +147,18 @@ def request_headers(
 
 def response_headers(upstream: UpstreamResponse, version: Any, via: str) -> CIMultiDict[str]:
     """The headers sent to the client: the upstream's, less hop-by-hop, plus Via."""
-    drop = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    headers = upstream.headers
+    drop = _dropped(headers, HOP_BY_HOP)
     out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in upstream.headers.items() if k.lower() not in drop
+        [(k, v) for k, v in headers.items() if k.lower() not in drop]
     )
-    out["Via"] = _append_via(upstream.headers.getall("Via", ()), version, via)
+    out["Via"] = _append_via(headers.getall("Via", ()), version, via)
     return out
 
 
 def _append_via(prior: Any, version: Any, via: str) -> str:
     hop = f"{version.major}.{version.minor} {via}"
-    return ", ".join([*prior, hop])
+    return f"{', '.join(prior)}, {hop}" if prior else hop
 
 
 class PassthroughResponse(web.StreamResponse):
@@ -337,7 +342,7 @@ class Proxy:
             log.exception("request failed in the sidecar", extra={"method": method, "path": path})
             await self._error(exchange, 500, "the sidecar failed to handle this request")
         label = method if method in _METHODS else "OTHER"
-        self.metrics.requests.labels(exchange.kind, label, str(exchange.status)).inc()
+        self.metrics.count_request(exchange.kind, label, exchange.status)
 
     async def _error(self, exchange: Exchange, status: int, message: str, **extra: Any) -> None:
         if exchange.started:
@@ -409,7 +414,7 @@ class Proxy:
             if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
                 raise _too_large(limit) from None
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
-        self.metrics.upstream_latency.labels(exchange.kind).observe(time.perf_counter() - started)
+        self.metrics.observe_upstream_latency(exchange.kind, time.perf_counter() - started)
         return response
 
     async def _relay(
@@ -572,12 +577,12 @@ class Proxy:
         elif length is not None and length > limit:
             skip = "too_large"
         if skip is not None:
-            self.metrics.merges.labels(skip).inc()
+            self.metrics.count_merge(skip)
             await self._relay(exchange, upstream)
             return
         body = await _read_at_most(upstream, limit)
         if len(body) > limit:  # a chunked body larger than the limit
-            self.metrics.merges.labels("too_large").inc()
+            self.metrics.count_merge("too_large")
             await self._relay(exchange, upstream, first=body)
             return
         try:
@@ -586,10 +591,10 @@ class Proxy:
             out = merge.encode_body(merged, encoding)
         except (merge.MergeError, OSError, ValueError) as exc:
             log.info("body passed unmerged", extra={"reason": str(exc), "resource": conv.id})
-            self.metrics.merges.labels("invalid").inc()
+            self.metrics.count_merge("invalid")
             await self._relay(exchange, upstream, first=body)
             return
-        self.metrics.merges.labels("merged").inc()
+        self.metrics.count_merge("merged")
         headers = response_headers(upstream, exchange.version, self.via)
         headers["Content-Length"] = str(len(out))  # known: headers go out with the body
         headers.popall("Content-MD5", None)
@@ -668,7 +673,7 @@ def _is_websocket(request: web.Request) -> bool:
     return (
         request.method == "GET"
         and request.headers.get("Upgrade", "").lower() == "websocket"
-        and "upgrade" in _connection_tokens(request.headers)
+        and "upgrade" in _dropped(request.headers, frozenset())
     )
 
 
@@ -716,6 +721,10 @@ def _prefer_wait(values: Any) -> float | None:
 
 async def _read_at_most(upstream: UpstreamResponse, limit: int) -> bytes:
     """Read the body, stopping once it is known to exceed ``limit``."""
+    if isinstance(upstream, http1.Response):
+        body = upstream.complete_body()  # a small answer is often all in already
+        if body is not None:
+            return body
     parts = []
     size = 0
     async for chunk in upstream.content.iter_any():

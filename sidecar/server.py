@@ -17,58 +17,101 @@ import signal
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .app import HEALTH, PROXY, create_admin_app, create_app
+from .app import ADMIN_PREFIX, HEALTH, PROXY, create_admin_app, create_app
 from .config import Settings
+from .front import KEEPALIVE_TIMEOUT, Front, log_access
 from .profile import Profile
 
-__all__ = ["JsonAccessLogger", "run"]
+__all__ = ["JsonAccessLogger", "Server", "run"]
 
 log = logging.getLogger("sidecar")
 
 
 class JsonAccessLogger(AbstractAccessLogger):
-    """One structured line per request: no query string, no headers, no body."""
+    """The access log of requests aiohttp serves: the same line as the front door's."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "request",
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": response.status,
-                "duration_ms": round(time * 1000, 3),
-                "bytes": response.body_length,
-                "remote": request.remote,
-            },
+        log_access(
+            self.logger,
+            request.method,
+            request.path,
+            response.status,
+            time,
+            response.body_length,
+            request.remote,
         )
 
 
+class Server:
+    """A sidecar listening: the front door on the main port, with aiohttp's
+    server behind it, and the admin endpoints on their own port if set."""
+
+    def __init__(self, settings: Settings, profile: Profile | None = None) -> None:
+        self.settings = settings
+        self.app = create_app(settings, profile)
+        self._access = logging.getLogger("sidecar.access") if settings.access_log else None
+        self.runner = web.AppRunner(
+            self.app,
+            access_log=self._access,
+            access_log_class=JsonAccessLogger,
+            shutdown_timeout=settings.shutdown_grace,
+            handle_signals=False,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            # A client that leaves cancels its handler at once, which closes the
+            # upstream request it was relaying instead of waiting for a write.
+            handler_cancellation=True,
+        )
+        self.front: Front | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.port = 0
+        self.admin_port: int | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.runner.setup()
+        handlers = self.runner.server
+        assert handlers is not None
+        self.front = Front(
+            self.app[PROXY],
+            handlers,
+            self._access,
+            local_prefix=ADMIN_PREFIX if settings.admin_port is None else None,
+        )
+        listening = await self.front.listen(settings.host, settings.port)
+        self.port = listening.sockets[0].getsockname()[1]
+        if settings.admin_port is not None:
+            self.admin_runner = web.AppRunner(
+                create_admin_app(self.app), access_log=None, handle_signals=False
+            )
+            await self.admin_runner.setup()
+            site = web.TCPSite(self.admin_runner, settings.host, settings.admin_port)
+            await site.start()
+            self.admin_port = self.admin_runner.addresses[0][1]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop listening, let requests in flight finish (up to ``grace``), clean up."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        self.app[HEALTH].shutting_down = True
+        self.app[PROXY].begin_shutdown()
+        handlers = self.runner.server
+        if self.front is not None and handlers is not None:
+            self.front.close()
+            handlers.pre_shutdown()  # aiohttp's idle connections close now
+            await asyncio.gather(self.front.drain(grace), handlers.shutdown(grace))
+        await self.runner.cleanup()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+
+
 async def run(settings: Settings, profile: Profile) -> int:
-    app = create_app(settings, profile)
-    access = logging.getLogger("sidecar.access") if settings.access_log else None
-    runner = web.AppRunner(
-        app,
-        access_log=access,
-        access_log_class=JsonAccessLogger,
-        shutdown_timeout=settings.shutdown_grace,
-        handle_signals=False,
-        # A client that leaves cancels its handler at once, which closes the
-        # upstream request it was relaying instead of waiting for a write.
-        handler_cancellation=True,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port).start()
-    admin_runner = None
-    if settings.admin_port is not None:
-        admin_runner = web.AppRunner(create_admin_app(app), access_log=None, handle_signals=False)
-        await admin_runner.setup()
-        await web.TCPSite(admin_runner, settings.host, settings.admin_port).start()
+    server = Server(settings, profile)
+    await server.start()
     log.info(
         "listening",
         extra={
             "host": settings.host,
-            "port": settings.port,
-            "admin_port": settings.admin_port,
+            "port": server.port,
+            "admin_port": server.admin_port,
             "upstream": settings.upstream,
             "profile": profile.name,
         },
@@ -81,10 +124,6 @@ async def run(settings: Settings, profile: Profile) -> int:
     await stop.wait()
 
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace})
-    app[HEALTH].shutting_down = True
-    app[PROXY].begin_shutdown()
-    await runner.cleanup()  # stop listening, drain within the grace, close streams
-    if admin_runner is not None:
-        await admin_runner.cleanup()
+    await server.stop()  # stop listening, drain within the grace, close streams
     log.info("stopped")
     return 0

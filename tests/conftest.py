@@ -11,10 +11,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import REGISTRY, create_app
+from sidecar.app import REGISTRY
 from sidecar.config import Settings
 from sidecar.fake import FakeGptme
 from sidecar.registry import Registry
+from sidecar.server import Server
 
 Start = Callable[..., Awaitable[TestServer]]
 
@@ -38,9 +39,9 @@ async def serve() -> AsyncIterator[Start]:
 class Sidecar:
     """A running sidecar and what tests need from it."""
 
-    def __init__(self, server: TestServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
-        self.url = str(server.make_url("")).rstrip("/")
+        self.url = f"http://127.0.0.1:{server.port}"
 
     @property
     def registry(self) -> Registry:
@@ -52,14 +53,29 @@ class Sidecar:
 
 
 @pytest.fixture
-def start_sidecar(serve: Start) -> Callable[..., Awaitable[Sidecar]]:
+async def start_sidecar() -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
+    """Start a sidecar as the process does, on a free loopback port."""
+    servers: list[Server] = []
+
     async def start(upstream: str, **overrides: Any) -> Sidecar:
         settings = Settings(
-            **{"upstream": upstream, "reconnect_min": 0.05, "reconnect_max": 0.2, **overrides}
+            **{
+                "upstream": upstream,
+                "host": "127.0.0.1",
+                "port": 0,
+                "reconnect_min": 0.05,
+                "reconnect_max": 0.2,
+                **overrides,
+            }
         )
-        return Sidecar(await serve(create_app(settings)))
+        server = Server(settings)
+        await server.start()
+        servers.append(server)
+        return Sidecar(server)
 
-    return start
+    yield start
+    for server in reversed(servers):
+        await server.stop(grace=1.0)
 
 
 @pytest.fixture

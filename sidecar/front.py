@@ -1,0 +1,483 @@
+"""The front door: a lean HTTP/1.1 server for the proxy's hot path.
+
+Most of what a sidecar serves is small GETs from pollers, and aiohttp's
+server spends more on each (request and response objects, routing, a writer,
+timers) than the rest of the hop together. So the main port is served by
+this module first. It reads request heads with httptools (llhttp, the parser
+aiohttp itself uses) straight from an asyncio protocol, and serves a bodyless
+HTTP/1.1 GET through :meth:`Proxy.handle_get`: the same proxy code that
+aiohttp's handler runs, with the same headers, merge, metrics and errors.
+
+Everything else is aiohttp's: a request with a body, any other method, a
+WebSocket or other upgrade, HTTP/1.0, an absolute-form target, the admin
+paths, a head over 8 KiB, or a head llhttp would not take as it is. At the
+first such request the connection is handed over, with the bytes read so far,
+to a new aiohttp request handler, and it stays there. aiohttp then answers
+exactly as it would have alone, malformed requests included.
+
+Requests on one connection are answered in order, one at a time: pipelined
+heads wait in the buffer, and reading pauses once it holds more than
+``MAX_BUFFERED`` bytes. A client that leaves cancels its request (aiohttp's
+``handler_cancellation``). Idle connections close after ``KEEPALIVE_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+from aiohttp import HttpVersion11
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .proxy import Proxy
+
+__all__ = ["KEEPALIVE_TIMEOUT", "Front", "log_access"]
+
+log = logging.getLogger("sidecar.front")
+
+#: aiohttp's default too: longer than the common 3,600 s idle timeout of load
+#: balancers, so the balancer, not the sidecar, closes an idle connection.
+KEEPALIVE_TIMEOUT = 3630.0
+MAX_HEAD = 8192
+MAX_HEADERS = 128  # aiohttp's limit; a request with more is handed over, and refused
+MAX_BUFFERED = 64 * 1024
+_SWEEP_INTERVAL = 10.0
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_NO_BODY = frozenset({204, 304})
+
+
+def log_access(
+    logger: logging.Logger,
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    body_bytes: int,
+    remote: str | None,
+) -> None:
+    """One structured line per request: no query string, no headers, no body."""
+    logger.info(
+        "request",
+        extra={
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "bytes": body_bytes,
+            "remote": remote,
+        },
+    )
+
+
+class Front:
+    """The main port's protocol factory, and the connections it serves."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        hand_over: Callable[[], asyncio.Protocol],
+        access_log: logging.Logger | None = None,
+        local_prefix: str | None = None,
+    ) -> None:
+        """``hand_over`` makes aiohttp's protocol for a connection the front
+        does not serve; paths under ``local_prefix`` are aiohttp's own routes."""
+        self.proxy = proxy
+        self.hand_over = hand_over
+        self.access_log = access_log
+        self.local_prefix = local_prefix
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._drained: asyncio.Future[None] | None = None
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
+        )
+        self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        return self._server
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than the keep-alive timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() - KEEPALIVE_TIMEOUT
+        for conn in list(self.connections):
+            if conn.task is None and conn.last_active < deadline:
+                conn.close()
+        self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def close(self) -> None:
+        """Stop listening; close idle connections, and busy ones after their answer."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for the connections to finish, up to ``timeout``; then cut the rest."""
+        if self.connections:
+            self._drained = asyncio.get_running_loop().create_future()
+            done, _ = await asyncio.wait([self._drained], timeout=timeout)
+            if not done:
+                tasks = [conn.task for conn in self.connections if conn.task is not None]
+                for conn in list(self.connections):
+                    conn.abort()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def _forget(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection, until it closes or is handed over to aiohttp."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.buffer = b""
+        self.task: asyncio.Task[None] | None = None
+        self.last_active = self.loop.time()
+        self.lost = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.hand_over_pending = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        # The head being parsed.
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._complete = False
+
+    # ------------------------------------------------------ asyncio protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but are one.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else str(peer) if peer else None
+        self.front.connections.add(self)
+        if self.front.closing:
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.loop.time()
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.task is None and not self.hand_over_pending:
+            self._next()
+        elif len(self.buffer) > MAX_BUFFERED and not self.reading_paused:
+            self.reading_paused = True
+            self._transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.front._forget(self)
+        if self.task is not None:
+            self.task.cancel()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_writer()
+        if self.hand_over_pending:
+            self._hand_over()
+
+    # -------------------------------------------------------------- helpers
+    @property
+    def _transport(self) -> asyncio.Transport:
+        assert self.transport is not None
+        return self.transport
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("the client left")
+        if self.writing_paused:
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+            if self.lost:
+                raise ConnectionResetError("the client left")
+
+    def _wake_writer(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -------------------------------------------------------------- requests
+    def _next(self) -> None:
+        """Start the next buffered request once its head is whole."""
+        buf = self.buffer
+        if not buf or self.lost:
+            return
+        if self.front.closing:
+            self.close()
+            return
+        if not buf.startswith(b"GET /"):
+            if len(buf) >= 5 or not b"GET /".startswith(buf):
+                self._hand_over()
+            return
+        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
+        if end < 0:
+            if len(buf) >= MAX_HEAD or b"\n\n" in buf:
+                self._hand_over()
+            return
+        head = buf[: end + 4]
+        target = self._parse(head)
+        if target is None:
+            self._hand_over()
+            return
+        path = target.partition("?")[0]
+        prefix = self.front.local_prefix
+        if (prefix and (path == prefix or path.startswith(prefix + "/"))) or (
+            self.front.proxy.profile.match_trigger("GET", path) is not None
+        ):
+            self._hand_over()
+            return
+        self.buffer = buf[end + 4 :]
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        exchange = _Exchange(self, headers, self._parser.should_keep_alive())
+        self.task = self.loop.create_task(self._serve(exchange, target, path))
+
+    def _parse(self, head: bytes) -> str | None:
+        """The head's target if the front serves it: one bodyless HTTP/1.1 GET."""
+        if head.count(b"\n") != head.count(b"\r\n"):
+            return None  # bare LF line ends: aiohttp's parser decides
+        self._url = b""
+        self._headers = []
+        self._complete = False
+        try:
+            self._parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None
+        if (
+            not self._complete
+            or self._parser.get_http_version() != "1.1"
+            or len(self._headers) > MAX_HEADERS
+        ):
+            return None
+        try:
+            return self._url.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+    # httptools callbacks
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append(
+            (
+                name.decode("utf-8", "surrogateescape"),
+                value.strip(b" \t").decode("utf-8", "surrogateescape"),
+            )
+        )
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+
+    async def _serve(self, exchange: _Exchange, target: str, path: str) -> None:
+        access_log = self.front.access_log
+        started = time.perf_counter() if access_log is not None else 0.0
+        try:
+            await self.front.proxy.handle_get(exchange, target, path)
+        except asyncio.CancelledError:
+            raise  # the client left, or the drain at shutdown ran out of time
+        except Exception:  # the proxy answers its own faults: this is a bug
+            log.exception("request failed in the front door", extra={"path": path})
+            self.task = None
+            self.abort()
+            return
+        if access_log is not None:
+            log_access(
+                access_log,
+                "GET",
+                URL.build(path=path, encoded=True).path,
+                exchange.status,
+                time.perf_counter() - started,
+                exchange.sent,
+                self.remote,
+            )
+        self.task = None
+        self.last_active = self.loop.time()
+        if self.lost:
+            return
+        if not exchange.complete or not exchange.keep_alive:
+            self.close()
+            return
+        if self.reading_paused:
+            self.reading_paused = False
+            self._transport.resume_reading()
+        self._next()
+
+    def _hand_over(self) -> None:
+        """Give the connection, and what it sent so far, to aiohttp's server."""
+        if self.writing_paused:
+            # The last answer is still being written: aiohttp takes over once
+            # it is out, so its own flow control starts from a clear state.
+            self.hand_over_pending = True
+            return
+        self.hand_over_pending = False
+        self.front._forget(self)
+        transport = self._transport
+        protocol = self.front.hand_over()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.reading_paused:
+            transport.resume_reading()
+        data, self.buffer = self.buffer, b""
+        if data:
+            protocol.data_received(data)
+        self.transport = None
+
+
+class _Exchange:
+    """A GET read by the front door, and its answer (see :class:`~sidecar.proxy.Exchange`)."""
+
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_pending",
+        "complete",
+        "headers",
+        "keep_alive",
+        "kind",
+        "remote",
+        "sent",
+        "status",
+    )
+
+    method = "GET"
+    scheme = "http"
+    version = HttpVersion11
+
+    def __init__(self, conn: _Connection, headers: CIMultiDictProxy[str], keep_alive: bool) -> None:
+        self._conn = conn
+        self.headers = headers
+        self.remote = conn.remote
+        self.keep_alive = keep_alive
+        self.kind = "pass"
+        self.status = 0
+        self.sent = 0  # body bytes written
+        self.complete = False
+        self._chunked = False
+        self._pending = b""  # a head that waits to go out with the first body bytes
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def body(self, limit: int) -> None:
+        return None
+
+    def _head(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], extra: str
+    ) -> bytes:
+        self.status = status
+        if self._conn.front.closing:
+            self.keep_alive = False
+        phrase = reason if reason is not None else _PHRASES.get(status, "")
+        lines = [f"HTTP/1.1 {status} {phrase}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if "Date" not in headers:
+            lines.append(f"Date: {_http_date()}\r\n")
+        if extra:
+            lines.append(extra)
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+    async def respond(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
+    ) -> None:
+        head = self._head(status, reason, headers, "")
+        self.sent = len(body)
+        await self._send(head, body)
+        self.complete = True
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        if status in _NO_BODY or status < 200 or "Content-Length" in headers:
+            # Known length: the head goes out with the first body bytes.
+            self._pending = self._head(status, reason, headers, "")
+            return
+        self._chunked = True
+        await self._send(self._head(status, reason, headers, "Transfer-Encoding: chunked\r\n"))
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.sent += len(chunk)
+        if self._chunked:
+            await self._send(b"%x\r\n" % len(chunk), chunk, b"\r\n")
+        elif self._pending:
+            head, self._pending = self._pending, b""
+            await self._send(head, chunk)
+        else:
+            await self._send(chunk)
+
+    async def finish(self) -> None:
+        if self._chunked:
+            await self._send(b"0\r\n\r\n")
+        elif self._pending:
+            head, self._pending = self._pending, b""
+            await self._send(head)
+        self.complete = True
+
+    def abort(self) -> None:
+        # Flush what was sent, then close: a short body, or a missing last
+        # chunk, tells the client its answer is incomplete.
+        self.keep_alive = False
+        self._conn.close()
+
+    async def _send(self, *parts: bytes) -> None:
+        conn = self._conn
+        transport = conn.transport
+        if transport is None or conn.lost:
+            raise ConnectionResetError("the client left")
+        if len(parts) == 1:
+            transport.write(parts[0])
+        elif sum(map(len, parts)) <= 65536:
+            transport.write(b"".join(parts))
+        else:
+            transport.writelines(parts)
+        if conn.writing_paused:
+            await conn.drain()
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The ``Date`` header's value, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
