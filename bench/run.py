@@ -204,23 +204,31 @@ async def _held_get(http: aiohttp.ClientSession, url: str, etag: str) -> float:
         return time.monotonic()
 
 
-async def idle_memory(sidecar: str, pid: int, count: int) -> float:
-    """Resident KiB per idle subscription."""
+async def idle_memory(sidecar: str, pid: int, count: int, warm: int = 100) -> float:
+    """Resident KiB per idle subscription: the growth from ``warm`` to ``warm + count``.
+
+    Run against a sidecar that served nothing else, so no memory freed by
+    earlier measurements is reused; the first ``warm`` subscriptions pay the
+    one-time costs (imports, pools) and are not counted.
+    """
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as http:
-        await asyncio.sleep(0.5)
+
+        async def open_range(start: int, stop: int) -> None:
+            async def open_one(i: int) -> None:
+                async with http.get(f"{sidecar}/api/v2/conversations/idle-{i}") as resp:
+                    await resp.read()
+
+            await asyncio.gather(*(open_one(i) for i in range(start, stop)))
+            name = 'sidecar_subscriptions{stream="live"}'
+            for _ in range(600):
+                if await get_metric(http, sidecar, name) >= stop:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+
+        await open_range(0, warm)
         before = rss_kib(pid)
-
-        async def open_one(i: int) -> None:
-            async with http.get(f"{sidecar}/api/v2/conversations/idle-{i}") as resp:
-                await resp.read()
-
-        await asyncio.gather(*(open_one(i) for i in range(count)))
-        name = 'sidecar_subscriptions{stream="live"}'
-        for _ in range(600):
-            if await get_metric(http, sidecar, name) >= count:
-                break
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)
+        await open_range(warm, warm + count)
         after = rss_kib(pid)
     return (after - before) / count
 
@@ -268,9 +276,7 @@ def main() -> int:
                 NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
             )
             procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
-            sidecar_proc = procs.start_sidecar(
-                up_port, sc_port, "--max-subscriptions", str(args.subscriptions + 100)
-            )
+            sidecar_proc = procs.start_sidecar(up_port, sc_port)
             wait_port(nx_port)
             wait_port(sc_port)
             direct = f"http://127.0.0.1:{up_port}"
@@ -322,7 +328,17 @@ def main() -> int:
                 ingest(sidecar, direct, args.duration, args.connections)
             )
             p50, p99 = asyncio.run(latency(sidecar, direct, args.latency_samples))
-            per_sub = asyncio.run(idle_memory(sidecar, sidecar_proc.pid, args.subscriptions))
+            # Memory in a sidecar of its own: see idle_memory.
+            sidecar_proc.terminate()
+            sidecar_proc.wait(10)
+            idle_port = free_port()
+            idle_proc = procs.start_sidecar(
+                up_port, idle_port, "--max-subscriptions", str(args.subscriptions + 200)
+            )
+            wait_port(idle_port)
+            per_sub = asyncio.run(
+                idle_memory(f"http://127.0.0.1:{idle_port}", idle_proc.pid, args.subscriptions)
+            )
             merges = {label: merge_ms(label) for label in LABELS.values()}
         finally:
             procs.stop()

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol, cast
 
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["ConnectFailed", "Pool", "Response", "UpstreamResponse"]
+__all__ = ["ConnectFailed", "Pool", "Response", "UpstreamResponse", "open_stream"]
 
 
 class _Body(Protocol):
@@ -71,7 +71,9 @@ class UpstreamClosed(aiohttp.ServerDisconnectedError):
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: Pool) -> None:
+    __slots__ = ("_loop", "_pool", "_response", "closed", "transport")
+
+    def __init__(self, pool: Pool | None) -> None:
         self._pool = pool
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -89,6 +91,7 @@ class _Connection(asyncio.Protocol):
             self._abort()
             return
         response._got_bytes = True
+        response._last_data = self._loop.time()
         try:
             response._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -123,7 +126,7 @@ class _Connection(asyncio.Protocol):
 
     def finished(self, reusable: bool) -> None:
         self._response = None
-        if reusable and not self.closed:
+        if reusable and not self.closed and self._pool is not None:
             self._pool._put(self)
         else:
             self._abort()
@@ -131,6 +134,8 @@ class _Connection(asyncio.Protocol):
 
 class _Content:
     """What the relay reads: ``iter_any()``, like aiohttp's StreamReader."""
+
+    __slots__ = ("_response",)
 
     def __init__(self, response: Response) -> None:
         self._response = response
@@ -140,20 +145,51 @@ class _Content:
 
 
 class Response:
-    def __init__(self, connection: _Connection, timeout: float | None) -> None:
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_conn",
+        "_done",
+        "_eof",
+        "_error",
+        "_got_bytes",
+        "_head",
+        "_idle_timeout",
+        "_last_data",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_raw_headers",
+        "_reason",
+        "_timer",
+        "_waiter",
+        "connection",
+        "content",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self, connection: _Connection, timeout: float | None, idle_timeout: float | None = None
+    ) -> None:
+        """``timeout`` bounds the wait for the head; ``idle_timeout``, if set,
+        the silence between body bytes (a stream's heartbeat check)."""
         self._conn = connection
         self._parser = httptools.HttpResponseParser(self)
         self._loop = connection._loop
         self._head: asyncio.Future[None] = self._loop.create_future()
         self._raw_headers: list[tuple[str, str]] = []
         self._reason = b""
-        self._body: collections.deque[bytes] = collections.deque()
+        self._body: list[bytes] = []  # a list: a deque's first block alone is 600 bytes
         self._buffered = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._error: BaseException | None = None
         self._got_bytes = False
+        self._last_data = 0.0
+        self._idle_timeout = idle_timeout
         self._done = False
         self._timer = (
             self._loop.call_later(timeout, self._header_timeout) if timeout is not None else None
@@ -197,8 +233,12 @@ class Response:
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape") or None
         self.headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
+        self._raw_headers = []
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+        if self._idle_timeout is not None:
+            self._timer = self._loop.call_at(self._last_data + self._idle_timeout, self._idle)
         if not self._head.done():
             self._head.set_result(None)
 
@@ -225,6 +265,18 @@ class Response:
     # failures
     def _header_timeout(self) -> None:
         self._fail(aiohttp.ServerTimeoutError("no response headers in time"))
+        self._conn._abort()
+
+    def _idle(self) -> None:
+        assert self._idle_timeout is not None
+        if self._eof or self._done:
+            return
+        due = self._last_data + self._idle_timeout
+        if self._paused or self._loop.time() < due:
+            # Bytes came since (or the reader holds them back): check again later.
+            self._timer = self._loop.call_at(max(due, self._loop.time() + 0.001), self._idle)
+            return
+        self._fail(aiohttp.ServerTimeoutError(f"no bytes for {self._idle_timeout:g} s"))
         self._conn._abort()
 
     def _connection_lost(self, exc: Exception | None) -> None:
@@ -268,7 +320,7 @@ class Response:
     async def _chunks(self) -> AsyncIterator[bytes]:
         while True:
             if self._body:
-                chunk = self._body.popleft()
+                chunk = self._body.pop(0)  # a few chunks at most: HIGH_WATER bounds them
                 self._buffered -= len(chunk)
                 if self._paused and self._buffered <= HIGH_WATER // 4 and self._conn.transport:
                     self._paused = False
@@ -319,7 +371,7 @@ class Pool:
             conn = self._take_idle()
             reused = conn is not None
             if conn is None:
-                conn = await self._connect()
+                conn = await _connect(self._host, self._port, self._connect_timeout, self)
             response = Response(conn, header_timeout)
             conn.start(response, head)
             try:
@@ -344,21 +396,6 @@ class Pool:
                 return conn
         return None
 
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self), self._host, self._port
-                )
-        except TimeoutError:
-            raise aiohttp.ServerTimeoutError(
-                f"connecting to {self._host}:{self._port} timed out"
-            ) from None
-        except OSError as exc:
-            raise ConnectFailed(exc) from None
-        return conn
-
     def _put(self, conn: _Connection) -> None:
         self._idle.append(conn)
         while len(self._idle) > MAX_IDLE:
@@ -369,7 +406,43 @@ class Pool:
             self._idle.pop()._abort()
 
 
-def _head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+async def open_stream(
+    host: str,
+    port: int,
+    target: str,
+    headers: Mapping[str, str],
+    connect_timeout: float,
+    idle_timeout: float,
+) -> Response:
+    """A GET for a long-lived stream, on a connection of its own.
+
+    No bytes for ``idle_timeout`` (the head included) fails it with
+    ``aiohttp.ServerTimeoutError``; close the response to end the stream.
+    """
+    conn = await _connect(host, port, connect_timeout, None)
+    response = Response(conn, idle_timeout, idle_timeout)
+    conn.start(response, _head("GET", target, headers))
+    try:
+        await response._head
+    except BaseException:
+        response.close()
+        raise
+    return response
+
+
+async def _connect(host: str, port: int, timeout: float, pool: Pool | None) -> _Connection:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            _, conn = await loop.create_connection(lambda: _Connection(pool), host, port)
+    except TimeoutError:
+        raise aiohttp.ServerTimeoutError(f"connecting to {host}:{port} timed out") from None
+    except OSError as exc:
+        raise ConnectFailed(exc) from None
+    return conn
+
+
+def _head(method: str, target: str, headers: Mapping[str, str]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
     lines.append("\r\n")

@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,13 +71,15 @@ class Conversation:
         self.evidence_timer: asyncio.TimerHandle | None = None
         self.timer_kind = ""
         #: The last state transitions, newest last, for the state API.
-        self.transitions: deque[dict[str, Any]] = deque(maxlen=TRANSITIONS_KEPT)
-        self._changed = asyncio.Event()
+        self.transitions: list[dict[str, Any]] = []  # a list: lighter than a deque
+        #: Made when someone waits (most conversations never have a waiter).
+        self._changed: asyncio.Event | None = None
 
     def wake_waiters(self) -> None:
         """Wake whoever waits for a change: of the snapshot, or of the body upstream."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     def set(self, snapshot: Snapshot) -> None:
         before = self.snapshot
@@ -96,11 +98,15 @@ class Conversation:
                     "last_error": snapshot.last_error,
                 }
             )
+            if len(self.transitions) > TRANSITIONS_KEPT:
+                del self.transitions[0]
         self.snapshot = snapshot
         self.wake_waiters()
 
     async def wait_changed(self, timeout: float) -> bool:
         """Wait until the snapshot or the resource's body changes; False on timeout."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
         changed = self._changed
         try:
             await asyncio.wait_for(changed.wait(), timeout)

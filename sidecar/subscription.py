@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from . import http1
+from .http1 import UpstreamResponse
 from .sse import EventDecoder, ServerSentEvent
 
 __all__ = ["Backoff", "Subscription"]
@@ -41,6 +43,10 @@ log = logging.getLogger("sidecar.subscription")
 
 #: Client headers a subscription may authenticate with.
 CREDENTIAL_HEADERS = ("Authorization", "Cookie")
+
+
+class NotAStream(Exception):
+    """The upstream answered, but not with an event stream (a 5xx, or HTML)."""
 
 
 class Refused(Exception):
@@ -101,7 +107,7 @@ class Subscription:
         self.fingerprint = ""
         #: When the upstream refused it for good (monotonic), if it did.
         self.finished_at: float | None = None
-        self._live = asyncio.Event()
+        self._live: asyncio.Event | None = None  # made when someone waits for it
         self._task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------- lifecycle
@@ -119,11 +125,13 @@ class Subscription:
         return self.stream == "live"
 
     async def wait_live(self, timeout: float) -> bool:
-        if self._live.is_set():
+        if self.live:
             return True
+        if self._live is None:
+            self._live = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._live.wait(), timeout)
-        return self._live.is_set()
+        return self.live
 
     async def close(self) -> None:
         """Stop for good; the credentials are dropped with this object."""
@@ -138,10 +146,9 @@ class Subscription:
     def _set_stream(self, stream: str) -> None:
         if stream != self.stream:
             self.stream = stream
-            if stream == "live":
+            if stream == "live" and self._live is not None:
                 self._live.set()
-            else:
-                self._live.clear()
+                self._live = None
             self._on_stream(self, stream)
 
     async def _run(self) -> None:
@@ -158,7 +165,7 @@ class Subscription:
                 return
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            except (aiohttp.ClientError, NotAStream, TimeoutError, OSError, ValueError) as exc:
                 self.last_failure = _describe(exc, self._stale_after)
             if self.stream == "live":
                 self._backoff.reset()
@@ -176,20 +183,14 @@ class Subscription:
         headers.update(self._credentials)
         if self.decoder.last_event_id:
             headers["Last-Event-ID"] = self.decoder.last_event_id
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._connect_timeout, sock_read=self._stale_after
-        )
-        async with self._session.get(
-            self.url, headers=headers, timeout=timeout, allow_redirects=False
-        ) as resp:
+        resp = await self._get(headers)
+        try:
             if 300 <= resp.status < 500 and resp.status not in (408, 429):
                 raise Refused(resp.status)  # redirects are not followed, and not retried
             if resp.status != 200:
-                raise aiohttp.ClientResponseError(
-                    resp.request_info, (), status=resp.status, message="not a stream"
-                )
+                raise NotAStream(f"upstream answered {resp.status}")
             if resp.content_type != "text/event-stream":
-                raise ValueError(f"expected text/event-stream, got {resp.content_type}")
+                raise NotAStream(f"expected text/event-stream, got {resp.content_type}")
             self.connects += 1
             self.decoder.reset()  # a partial event of the last connection is gone
             async for chunk in resp.content.iter_any():
@@ -198,11 +199,33 @@ class Subscription:
                         self._set_stream("live")
                     self.events += 1
                     self._on_event(self, event)
+        finally:
+            resp.close()
+
+    async def _get(self, headers: dict[str, str]) -> UpstreamResponse:
+        """The stream's response, once its head is in; silence beyond
+        ``stale_after``, the wait for the head included, is a timeout."""
+        url = self.url
+        if url.scheme == "http":
+            # The lean client: a third of aiohttp's memory per idle stream.
+            headers["Host"] = url.raw_authority
+            return await http1.open_stream(
+                url.raw_host or "",
+                url.port or 80,
+                url.raw_path_qs,
+                headers,
+                self._connect_timeout,
+                self._stale_after,
+            )
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._connect_timeout, sock_read=self._stale_after
+        )
+        return await self._session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
 
 
 def _describe(exc: BaseException, stale_after: float) -> str:
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return f"no bytes from the upstream for {stale_after:g} s"
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return f"upstream answered {exc.status}"
+    if isinstance(exc, NotAStream):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
