@@ -166,6 +166,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._complete = False
+        self._keep_alive = False
 
     # ------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -262,7 +263,7 @@ class _Connection(asyncio.Protocol):
             return
         self.buffer = buf[end + 4 :]
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        exchange = _Exchange(self, headers, self._parser.should_keep_alive())
+        exchange = _Exchange(self, headers, self._keep_alive)
         self.task = self.loop.create_task(self._serve(exchange, target, path))
 
     def _parse(self, head: bytes) -> str | None:
@@ -301,6 +302,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        # Asked here: llhttp forgets the message's flags once it has returned.
+        self._keep_alive = self._parser.should_keep_alive()
 
     async def _serve(self, exchange: _Exchange, target: str, path: str) -> None:
         access_log = self.front.access_log

@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar import http1
 
 from .conftest import Sidecar
 
@@ -107,3 +111,29 @@ async def test_a_head_request_still_works(serve, start_sidecar, http) -> None:
     sc = await start_sidecar(str(upstream.make_url("")).rstrip("/"))
     async with http.head(sc.url + "/h") as resp:
         assert resp.status == 200 and resp.headers["Content-Length"] == "4"
+
+
+async def test_an_answer_left_unread_does_not_stall_its_connection(raw_upstream) -> None:
+    # 400 KiB arrive while nobody reads: reading pauses past HIGH_WATER, but
+    # the message is complete, so the connection must go back to the pool
+    # reading, or the next request on it would wait for a timeout.
+    big = b"b" * (400 * 1024)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big))
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    url = URL(await raw_upstream(answer))
+    pool = http1.Pool(url.host or "", url.port or 80, connect_timeout=1.0)
+    try:
+        first = await pool.get("/big", CIMultiDict(Host="x"), 1.0)
+        await asyncio.sleep(0.2)  # all of it arrives; nothing is read
+        first.close()  # the client that asked for it left
+        second = await pool.get("/small", CIMultiDict(Host="x"), 1.0)
+        assert second.status == 200
+        assert b"".join([chunk async for chunk in second.content.iter_any()]) == b"ok"
+    finally:
+        pool.close()
