@@ -422,6 +422,12 @@ class Proxy:
     ) -> None:
         """Stream the upstream's response to the client, chunk by chunk."""
         headers = response_headers(upstream, exchange.version, self.via)
+        if not first and "Content-Length" in headers and isinstance(upstream, http1.Response):
+            body = upstream.complete_body()
+            if body is not None:  # all in already (a small answer): one write
+                upstream.release()
+                await exchange.respond(upstream.status, upstream.reason, headers, body)
+                return
         is_stream = upstream.content_type == "text/event-stream"
         if is_stream:
             self._streams.add(upstream)
