@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .app import create_app
 from .config import Settings
 from .fake import FakeGptme, Outcome
+from .server import Server
 
 __all__ = ["run_demo"]
 
@@ -72,8 +72,9 @@ async def run_demo(host: str = "127.0.0.1", port: int = 0, serve: bool = False) 
     upstream_runner, upstream_port = await _start(fake.app, host, 0)
     upstream = f"http://{host}:{upstream_port}"
     settings = Settings(upstream=upstream, host=host, port=port, log_level="warning")
-    sidecar_runner, sidecar_port = await _start(create_app(settings), host, port)
-    sidecar = f"http://{host}:{sidecar_port}"
+    sidecar_server = Server(settings)  # as `sidecar --upstream` runs it
+    await sidecar_server.start()
+    sidecar = f"http://{host}:{sidecar_server.port}"
     print("sidecar demo: a stream-first upstream whose model call fails", file=out)
     print(f"  upstream (fake gptme 0.31.0) listens on {upstream}", file=out)
     print(f"  sidecar in front of it      listens on {sidecar}\n", file=out)
@@ -125,5 +126,5 @@ async def run_demo(host: str = "127.0.0.1", port: int = 0, serve: bool = False) 
             )
         return 0 if ok else 1
     finally:
-        await sidecar_runner.cleanup()
+        await sidecar_server.stop(grace=1.0)
         await upstream_runner.cleanup()

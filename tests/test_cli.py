@@ -89,6 +89,16 @@ async def test_upstream_host_port_serves_with_the_gptme_profile(serve) -> None:
     assert steps, lines
     assert steps[0]["method"] == "POST" and steps[0]["status"] == 200
     assert steps[0]["duration_ms"] >= 0
+    # The polls, served by the front door, are logged the same way.
+    polls = [
+        line
+        for line in lines
+        if line["event"] == "request"
+        and line["path"] == "/api/v2/conversations/c1"
+        and line["method"] == "GET"
+    ]
+    assert polls and all(p["status"] == 200 for p in polls)
+    assert polls[0]["bytes"] > 0 and polls[0]["remote"] == "127.0.0.1"
 
 
 def test_config_merges_file_env_and_flags_and_masks_secrets(tmp_path: Path) -> None:
