@@ -324,6 +324,12 @@ def main() -> int:
                         )
                 print()
 
+            # The hop itself: one connection, so nothing queues behind anything.
+            hop: dict[str, tuple[float, float, float]] = {}
+            for kind, path in (("plain", "/plain/c2k"), ("enrich", "/api/v2/conversations/c2k")):
+                _, d50, d99 = wrk(direct + path, args.duration, 1)
+                _, s50, s99 = wrk(sidecar + path, args.duration, 1)
+                hop[kind] = ((s50 - d50) * 1000, d99 * 1000, s99 * 1000)
             events_per_s, poll_rps = asyncio.run(
                 ingest(sidecar, direct, args.duration, args.connections)
             )
@@ -381,6 +387,24 @@ def main() -> int:
         ),
         ("event to visible in a GET, p50", f"{p50:.2f} ms", "", True),
         ("event to visible in a GET, p99", f"{p99:.2f} ms", "< 10 ms", p99 < 10),
+        *(
+            (
+                f"hop at 1 connection, 2 KiB {kind}: p50 added",
+                f"{hop[kind][0]:+.0f} µs",
+                "",
+                True,
+            )
+            for kind in ("plain", "enrich")
+        ),
+        *(
+            (
+                f"  p99 direct -> through the sidecar, {kind}",
+                f"{hop[kind][1]:.0f} -> {hop[kind][2]:.0f} µs",
+                "",
+                True,
+            )
+            for kind in ("plain", "enrich")
+        ),
         (
             f"resident memory per idle subscription ({args.subscriptions})",
             f"{per_sub:.1f} KiB",
