@@ -136,8 +136,8 @@ class Front:
                 for conn in list(self.connections):
                     conn.abort()
                 await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        # Not Server.wait_closed(): it would also wait for the connections
+        # handed over to aiohttp, which aiohttp's own shutdown drains.
 
     def _forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client for the proxy's hottest path: bodyless GETs to an http upstream.
+"""A lean HTTP/1.1 client for bodyless GETs to an http upstream.
 
 aiohttp's client builds a request object, a response object, a connector
 lease and timers for every request; for a proxy hop most of that is work
@@ -6,6 +6,10 @@ the proxy then undoes. This client writes the already-filtered request head
 in one ``write`` on a pooled keep-alive connection and parses the answer
 with httptools (llhttp, the parser of Node.js and uvicorn). Everything else
 (bodies, HEAD, WebSocket, https) still goes through aiohttp.
+
+Two users: :class:`Pool` for the proxy's GETs, and :func:`open_stream` for
+the subscriptions' event streams, one connection each: an idle subscription
+takes about half the memory it did on aiohttp's client (make bench).
 
 The response object offers the subset of ``aiohttp.ClientResponse`` the
 proxy uses (``status``, ``reason``, ``headers``, ``content_type``,

@@ -207,7 +207,7 @@ class Subscription:
         ``stale_after``, the wait for the head included, is a timeout."""
         url = self.url
         if url.scheme == "http":
-            # The lean client: a third of aiohttp's memory per idle stream.
+            # The lean client: half the memory per idle stream of aiohttp's.
             headers["Host"] = url.raw_authority
             return await http1.open_stream(
                 url.raw_host or "",
