@@ -1,8 +1,13 @@
 """Running the sidecar as a process: listening, and shutting down gracefully.
 
+The main port is the front door's (:mod:`sidecar.front`), with aiohttp's
+server behind it for what the front door hands over; the admin port, if set,
+is aiohttp's alone.
+
 On SIGTERM (or SIGINT): ``/readyz`` turns 503, the listening sockets close,
 open SSE passthroughs are ended cleanly (a client's EventSource reconnects,
-to another replica if there is one), in-flight requests get up to
+to another replica if there is one), held long-polls are answered, idle
+keep-alive connections close, in-flight requests get up to
 ``shutdown_grace`` seconds to finish, subscriptions close, and the process
 exits 0. The default grace (20 s) fits inside Kubernetes' default 30 s
 ``terminationGracePeriodSeconds`` with room for a ``preStop`` pause.
@@ -66,6 +71,7 @@ class Server:
         self.admin_runner: web.AppRunner | None = None
         self.port = 0
         self.admin_port: int | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         settings = self.settings
@@ -91,6 +97,9 @@ class Server:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, let requests in flight finish (up to ``grace``), clean up."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.settings.shutdown_grace if grace is None else grace
         self.app[HEALTH].shutting_down = True
         self.app[PROXY].begin_shutdown()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import aiohttp
+
 from sidecar.app import create_admin_app
 from sidecar.fake import FakeGptme, Outcome
 
@@ -197,3 +199,23 @@ async def test_a_new_message_wakes_a_held_get(gptme, http) -> None:
     assert 0.25 < loop.time() - started < 2
     assert body["log"][-1]["content"] == "more"
     await poster
+
+
+async def test_long_polls_held_at_shutdown_are_answered_at_once(gptme) -> None:
+    g = await gptme("0.35.1")
+    await g.create("c1")
+    url, etag = await g.live_etag("c1")
+    # A connection of its own: a poller's, that has only ever sent GETs.
+    async with aiohttp.ClientSession() as poller:
+        held = asyncio.create_task(
+            poller.get(url, headers={"If-None-Match": etag, "Prefer": "wait=30"})
+        )
+        await asyncio.sleep(0.2)  # the poll is held by now
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await g.sidecar.server.stop(grace=10)
+        resp = await asyncio.wait_for(held, 2)
+        assert resp.status == 304  # nothing changed: the same answer, just not 30 s later
+        assert resp.headers["Connection"] == "close"  # the next poll goes elsewhere
+        resp.release()
+        assert loop.time() - started < 2
