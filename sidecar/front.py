@@ -159,7 +159,6 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.reading_paused = False
         self.writing_paused = False
-        self.hand_over_pending = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._parser = httptools.HttpRequestParser(self)
         # The head being parsed.
@@ -181,7 +180,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
         self.buffer = self.buffer + data if self.buffer else data
-        if self.task is None and not self.hand_over_pending:
+        if self.task is None:
             self._next()
         elif len(self.buffer) > MAX_BUFFERED and not self.reading_paused:
             self.reading_paused = True
@@ -200,8 +199,6 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self._wake_writer()
-        if self.hand_over_pending:
-            self._hand_over()
 
     # -------------------------------------------------------------- helpers
     @property
@@ -340,13 +337,12 @@ class _Connection(asyncio.Protocol):
         self._next()
 
     def _hand_over(self) -> None:
-        """Give the connection, and what it sent so far, to aiohttp's server."""
-        if self.writing_paused:
-            # The last answer is still being written: aiohttp takes over once
-            # it is out, so its own flow control starts from a clear state.
-            self.hand_over_pending = True
-            return
-        self.hand_over_pending = False
+        """Give the connection, and what it sent so far, to aiohttp's server.
+
+        Only between requests, and every write of an answer waits for the
+        transport to drain when it pauses us: aiohttp's flow control starts
+        from a transport that is writing freely.
+        """
         self.front._forget(self)
         transport = self._transport
         protocol = self.front.hand_over()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from aiohttp import web
 
 from .conftest import Sidecar
+
+BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB
 
 
 class Origin:
@@ -15,10 +18,14 @@ class Origin:
         self.app = web.Application()
         self.app.router.add_route("*", "/echo", self.echo)
         self.app.router.add_get("/chunked", self.chunked)
+        self.app.router.add_get("/big", self.big)
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         return web.Response(text=f"{request.method} {request.path_qs} {body.decode()}")
+
+    async def big(self, request: web.Request) -> web.Response:
+        return web.Response(body=BIG)
 
     async def chunked(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -148,3 +155,22 @@ async def test_answers_carry_a_date_and_no_invented_server_header(sidecar) -> No
     assert b"\r\ndate: " in head
     assert head.count(b"\r\nserver: ") == 1  # the upstream's own, passed through
     assert b"\r\nvia: 1.1 sidecar" in head
+
+
+async def test_a_slow_reader_gets_a_big_answer_whole_then_the_next_one(sidecar) -> None:
+    # 8 MiB for a client that reads slowly, then a POST on the same
+    # connection: aiohttp takes over only once the big answer is written out.
+    host, port = sidecar.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # a slow link, in effect
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024 * 1024)
+    writer.write(
+        b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nafter"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)  # the sidecar's buffer for this client fills up
+    stream = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert bodies(stream) == [BIG, b"POST /echo after"]
