@@ -51,6 +51,21 @@ MAX_BUFFERED = 64 * 1024
 _SWEEP_INTERVAL = 10.0
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})
+#: RFC 9110's singleton fields: a request repeating one is aiohttp's to refuse.
+_SINGLETONS = frozenset(
+    {
+        "content-length",
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "host",
+        "max-forwards",
+        "server",
+        "transfer-encoding",
+        "user-agent",
+    }
+)
 
 
 def log_access(
@@ -166,6 +181,8 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._complete = False
         self._keep_alive = False
+        self._refuse = False
+        self._singletons_seen: set[str] = set()
 
     # ------------------------------------------------------ asyncio protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -270,12 +287,15 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._complete = False
+        self._refuse = False
+        self._singletons_seen.clear()
         try:
             self._parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             return None
         if (
             not self._complete
+            or self._refuse
             or self._parser.get_http_version() != "1.1"
             or len(self._headers) > MAX_HEADERS
         ):
@@ -290,12 +310,14 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append(
-            (
-                name.decode("utf-8", "surrogateescape"),
-                value.strip(b" \t").decode("utf-8", "surrogateescape"),
-            )
-        )
+        text = name.decode("utf-8", "surrogateescape")
+        lowered = text.lower()
+        if lowered in _SINGLETONS:
+            if lowered in self._singletons_seen:
+                self._refuse = True  # aiohttp answers a duplicate with 400
+            self._singletons_seen.add(lowered)
+        # llhttp strips the whitespace before a value, not after it.
+        self._headers.append((text, value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
 
     def on_message_complete(self) -> None:
         self._complete = True

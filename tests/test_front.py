@@ -119,6 +119,8 @@ async def test_malformed_requests_get_a_400_not_a_hang(sidecar) -> None:
         b"GET /echo HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
         b"GET /echo HTTP/9.9\r\nHost: x\r\n\r\n",
         b"GET /echo HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",  # which host?
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Nul: a\x00b\r\n\r\n",
     ):
         stream = await exchange(sidecar, raw)
         assert stream.split(b" ", 2)[1] == b"400", (raw, stream[:80])
