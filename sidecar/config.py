@@ -142,6 +142,13 @@ OPTIONS: tuple[Option, ...] = (
         "seconds in-flight requests get to finish after SIGTERM",
         _positive,
     ),
+    Option(
+        "keepalive_timeout",
+        float,
+        3630.0,
+        "seconds an idle client connection stays open (longer than a load balancer's)",
+        _positive,
+    ),
     Option("probe_interval", float, 5.0, "seconds between upstream reachability probes", _positive),
     Option("max_wait", float, 60.0, "longest `Prefer: wait` honoured, seconds", _positive),
     Option("max_held", int, 1000, "requests held by `Prefer: wait` at once, at most", _count),
@@ -175,6 +182,7 @@ class Settings:
     admin_port: int | None = None
     admin_token: str | None = None
     shutdown_grace: float = 20.0
+    keepalive_timeout: float = 3630.0
     probe_interval: float = 5.0
     max_wait: float = 60.0
     max_held: int = 1000

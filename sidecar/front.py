@@ -18,7 +18,7 @@ exactly as it would have alone, malformed requests included.
 Requests on one connection are answered in order, one at a time: pipelined
 heads wait in the buffer, and reading pauses once it holds more than
 ``MAX_BUFFERED`` bytes. A client that leaves cancels its request (aiohttp's
-``handler_cancellation``). Idle connections close after ``KEEPALIVE_TIMEOUT``.
+``handler_cancellation``). Idle connections close after ``keepalive_timeout``.
 """
 
 from __future__ import annotations
@@ -38,13 +38,10 @@ from yarl import URL
 
 from .proxy import Proxy
 
-__all__ = ["KEEPALIVE_TIMEOUT", "Front", "log_access"]
+__all__ = ["Front", "log_access"]
 
 log = logging.getLogger("sidecar.front")
 
-#: aiohttp's default too: longer than the common 3,600 s idle timeout of load
-#: balancers, so the balancer, not the sidecar, closes an idle connection.
-KEEPALIVE_TIMEOUT = 3630.0
 MAX_HEAD = 8192
 MAX_HEADERS = 128  # aiohttp's limit; a request with more is handed over, and refused
 MAX_BUFFERED = 64 * 1024
@@ -100,13 +97,17 @@ class Front:
         hand_over: Callable[[], asyncio.Protocol],
         access_log: logging.Logger | None = None,
         local_prefix: str | None = None,
+        keepalive_timeout: float = 3630.0,
     ) -> None:
         """``hand_over`` makes aiohttp's protocol for a connection the front
-        does not serve; paths under ``local_prefix`` are aiohttp's own routes."""
+        does not serve; paths under ``local_prefix`` are aiohttp's own routes;
+        a connection idle for ``keepalive_timeout`` seconds is closed."""
         self.proxy = proxy
         self.hand_over = hand_over
         self.access_log = access_log
         self.local_prefix = local_prefix
+        self.keepalive_timeout = keepalive_timeout
+        self._sweep_every = min(_SWEEP_INTERVAL, keepalive_timeout / 2)
         self.connections: set[_Connection] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
@@ -118,17 +119,17 @@ class Front:
         self._server = await loop.create_server(
             lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
         )
-        self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         return self._server
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the keep-alive timeout."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() - KEEPALIVE_TIMEOUT
+        deadline = loop.time() - self.keepalive_timeout
         for conn in list(self.connections):
             if conn.task is None and conn.last_active < deadline:
                 conn.close()
-        self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
     def close(self) -> None:
         """Stop listening; close idle connections, and busy ones after their answer."""

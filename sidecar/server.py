@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .app import ADMIN_PREFIX, HEALTH, PROXY, create_admin_app, create_app
 from .config import Settings
-from .front import KEEPALIVE_TIMEOUT, Front, log_access
+from .front import Front, log_access
 from .profile import Profile
 
 __all__ = ["JsonAccessLogger", "Server", "run"]
@@ -62,7 +62,7 @@ class Server:
             access_log_class=JsonAccessLogger,
             shutdown_timeout=settings.shutdown_grace,
             handle_signals=False,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            keepalive_timeout=settings.keepalive_timeout,
             # A client that leaves cancels its handler at once, which closes the
             # upstream request it was relaying instead of waiting for a write.
             handler_cancellation=True,
@@ -83,6 +83,7 @@ class Server:
             handlers,
             self._access,
             local_prefix=ADMIN_PREFIX if settings.admin_port is None else None,
+            keepalive_timeout=settings.keepalive_timeout,
         )
         listening = await self.front.listen(settings.host, settings.port)
         self.port = listening.sockets[0].getsockname()[1]

@@ -176,3 +176,22 @@ async def test_a_slow_reader_gets_a_big_answer_whole_then_the_next_one(sidecar) 
     stream = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     assert bodies(stream) == [BIG, b"POST /echo after"]
+
+
+async def test_idle_connections_close_after_the_keepalive_timeout(serve, start_sidecar) -> None:
+    server = await serve(Origin().app)
+    sc = await start_sidecar(str(server.make_url("")).rstrip("/"), keepalive_timeout=0.3)
+    host, port = sc.url.removeprefix("http://").split(":")
+    for request in (
+        b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n",  # the front door's
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx",  # aiohttp's
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answered = await asyncio.wait_for(reader.read(), 5)  # returns at the close
+        writer.close()
+        assert bodies(answered) and bodies(answered)[0].startswith(request.split(b" ")[0])
+        assert 0.25 <= loop.time() - started < 3
