@@ -338,6 +338,11 @@ class Response:
             self._waiter = self._loop.create_future()
             await self._waiter
 
+    @property
+    def complete(self) -> bool:
+        """The whole message has arrived (read or not)."""
+        return self._eof
+
     def complete_body(self) -> bytes | None:
         """The whole body if it has all arrived and none of it was read yet."""
         if not self._eof:

@@ -12,7 +12,7 @@ from yarl import URL
 
 from sidecar import http1
 
-from .conftest import Sidecar
+from .conftest import Sidecar, eventually
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -130,7 +130,7 @@ async def test_an_answer_left_unread_does_not_stall_its_connection(raw_upstream)
     pool = http1.Pool(url.host or "", url.port or 80, connect_timeout=1.0)
     try:
         first = await pool.get("/big", CIMultiDict(Host="x"), 1.0)
-        await asyncio.sleep(0.2)  # all of it arrives; nothing is read
+        await eventually(lambda: first.complete)  # all of it arrives; nothing is read
         first.close()  # the client that asked for it left
         second = await pool.get("/small", CIMultiDict(Host="x"), 1.0)
         assert second.status == 200
