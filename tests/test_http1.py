@@ -118,22 +118,29 @@ async def test_an_answer_left_unread_does_not_stall_its_connection(raw_upstream)
     # the message is complete, so the connection must go back to the pool
     # reading, or the next request on it would wait for a timeout.
     big = b"b" * (400 * 1024)
+    connections = 0
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big))
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                request_line = (await read_head(reader)).split(b"\r\n")[0]
+            except asyncio.IncompleteReadError:
+                return
+            body = big if b" /big " in request_line else b"ok"
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            await writer.drain()
 
     url = URL(await raw_upstream(answer))
-    pool = http1.Pool(url.host or "", url.port or 80, connect_timeout=1.0)
+    pool = http1.Pool(url.host or "", url.port or 80, connect_timeout=5.0)
     try:
-        first = await pool.get("/big", CIMultiDict(Host="x"), 1.0)
+        first = await pool.get("/big", CIMultiDict(Host="x"), 5.0)
         await eventually(lambda: first.complete)  # all of it arrives; nothing is read
         first.close()  # the client that asked for it left
-        second = await pool.get("/small", CIMultiDict(Host="x"), 1.0)
+        second = await pool.get("/small", CIMultiDict(Host="x"), 5.0)
         assert second.status == 200
         assert b"".join([chunk async for chunk in second.content.iter_any()]) == b"ok"
+        assert connections == 1  # the same connection, reading again
     finally:
         pool.close()
