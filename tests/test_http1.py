@@ -113,11 +113,15 @@ async def test_a_head_request_still_works(serve, start_sidecar, http) -> None:
         assert resp.status == 200 and resp.headers["Content-Length"] == "4"
 
 
-async def test_an_answer_left_unread_does_not_stall_its_connection(raw_upstream) -> None:
-    # 400 KiB arrive while nobody reads: reading pauses past HIGH_WATER, but
-    # the message is complete, so the connection must go back to the pool
-    # reading, or the next request on it would wait for a timeout.
-    big = b"b" * (400 * 1024)
+async def test_an_answer_left_unread_does_not_stall_its_connection(
+    raw_upstream, monkeypatch
+) -> None:
+    # An answer arrives whole in one read while nobody reads it: reading
+    # pauses past HIGH_WATER, but the message is complete, so the connection
+    # must go back to the pool reading, or the next request on it would wait
+    # for a timeout. (A small HIGH_WATER, so that one read crosses it.)
+    monkeypatch.setattr(http1, "HIGH_WATER", 1024)
+    big = b"b" * (32 * 1024)
     connections = 0
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
