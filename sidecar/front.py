@@ -10,7 +10,8 @@ aiohttp's handler runs, with the same headers, merge, metrics and errors.
 
 Everything else is aiohttp's: a request with a body, any other method, a
 WebSocket or other upgrade, HTTP/1.0, an absolute-form target, the admin
-paths, a head over 8 KiB, or a head llhttp would not take as it is. At the
+paths, a head over 8 KiB, a head that repeats a field RFC 9110 allows once
+(``Host``, ``Content-Length``...), or one llhttp would not take as it is. At the
 first such request the connection is handed over, with the bytes read so far,
 to a new aiohttp request handler, and it stays there. aiohttp then answers
 exactly as it would have alone, malformed requests included.
