@@ -17,11 +17,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import MISSING, fields
 from typing import Any
 
 from . import __version__
 from .config import OPTIONS, ConfigError, Settings, load_settings
 from .profile import Profile, ProfileError, load_profile
+
+#: The defaults the help shows: the ones Settings has, the only ones.
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 __all__ = ["main"]
 
@@ -91,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                     flag,
                     dest=option.name,
                     metavar=option.kind.__name__.upper(),
-                    help=f"{option.help} (default: {option.default})",
+                    help=f"{option.help} ({_default_text(option.name)})",
                 )
     demo = sub.add_parser(
         "demo", help="run the built-in demo: a fake gptme with the sidecar in front"
@@ -135,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
     return serve(settings, profile)
+
+
+def _default_text(name: str) -> str:
+    default = _DEFAULTS.get(name, MISSING)
+    return "required" if default is MISSING else f"default: {default}"
 
 
 def serve(settings: Settings, profile: Profile) -> int:

@@ -1,10 +1,11 @@
 """Settings: one table of options, read from a TOML file, ``SIDECAR_*``
 environment variables and command-line flags (later sources win).
 
-Every option is declared once in :data:`OPTIONS`; the CLI flags, the
-environment names and the validation all come from that table, so they cannot
-drift apart. A wrong key or value raises :class:`ConfigError` with one line
-naming the key and the problem.
+Every option is declared once in :data:`OPTIONS` (type, help, check) and has
+its default in :class:`Settings`, nowhere else; the CLI flags, the environment
+names and the validation all come from that table, so they cannot drift
+apart. A wrong key or value raises :class:`ConfigError` with one line naming
+the key and the problem.
 """
 
 from __future__ import annotations
@@ -63,104 +64,94 @@ def _level(value: str) -> str:
 class Option:
     name: str
     kind: type
-    default: Any
     help: str
     check: Callable[[Any], Any] | None = None
     secret: bool = False
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("upstream", str, None, "the upstream server's base URL", _url),
-    Option("host", str, "127.0.0.1", "address to listen on"),
-    Option("port", int, 8080, "port to listen on", _port),
-    Option("profile", str, "gptme", "built-in profile name or profile file path"),
-    Option("preserve_host", bool, False, "forward the client's Host header unchanged"),
+    Option("upstream", str, "the upstream server's base URL", _url),
+    Option("host", str, "address to listen on"),
+    Option("port", int, "port to listen on", _port),
+    Option("profile", str, "built-in profile name or profile file path"),
+    Option("preserve_host", bool, "forward the client's Host header unchanged"),
     Option(
         "upstream_authorization",
         str,
-        None,
         "Authorization header for the sidecar's own subscriptions (default: the client's)",
         secret=True,
     ),
-    Option("connect_timeout", float, 5.0, "seconds to connect to the upstream", _positive),
+    Option("connect_timeout", float, "seconds to connect to the upstream", _positive),
     Option(
         "response_timeout",
         float,
-        60.0,
         "seconds from sending a request to the upstream's response headers",
         _positive,
     ),
     Option(
         "trigger_wait",
         float,
-        2.0,
         "seconds a trigger waits for its stream to be live before it is forwarded",
         _positive,
     ),
     Option(
         "stale_after",
         float,
-        None,
         "seconds of stream silence taken as a dead connection (default: 3 heartbeats)",
         _positive,
     ),
     Option(
         "start_timeout",
         float,
-        30.0,
         "seconds an accepted step may show no event before it is reported failed",
         _positive,
     ),
     Option(
         "confirm_timeout",
         float,
-        5.0,
         "seconds after a lost stream is back for a step in flight to show an event",
         _positive,
     ),
-    Option("reconnect_min", float, 0.5, "first reconnect delay, seconds", _positive),
-    Option("reconnect_max", float, 30.0, "reconnect delay cap, seconds", _positive),
-    Option("max_subscriptions", int, 1000, "live upstream subscriptions at most", _count),
-    Option("max_snapshots", int, 10000, "snapshots kept at most", _count),
-    Option("merge_limit", int, 32 * 1024 * 1024, "largest body merged, bytes", _count),
-    Option("max_event_bytes", int, 4 * 1024 * 1024, "largest SSE event kept, bytes", _count),
-    Option("max_request_body", int, 1024**3, "largest request body forwarded, bytes", _count),
+    Option("reconnect_min", float, "first reconnect delay, seconds", _positive),
+    Option("reconnect_max", float, "reconnect delay cap, seconds", _positive),
+    Option("max_subscriptions", int, "live upstream subscriptions at most", _count),
+    Option("max_snapshots", int, "snapshots kept at most", _count),
+    Option("merge_limit", int, "largest body merged, bytes", _count),
+    Option("max_event_bytes", int, "largest SSE event kept, bytes", _count),
+    Option("max_request_body", int, "largest request body forwarded, bytes", _count),
     Option(
         "admin_port",
         int,
-        None,
         "serve /healthz, /readyz, /metrics and /_sidecar/ on this port instead of the main one",
         _port,
     ),
-    Option(
-        "admin_token", str, None, "bearer token required by /metrics and /_sidecar/", secret=True
-    ),
+    Option("admin_token", str, "bearer token required by /metrics and /_sidecar/", secret=True),
     Option(
         "shutdown_grace",
         float,
-        20.0,
         "seconds in-flight requests get to finish after SIGTERM",
         _positive,
     ),
     Option(
         "keepalive_timeout",
         float,
-        3630.0,
         "seconds an idle client connection stays open (longer than a load balancer's)",
         _positive,
     ),
-    Option("probe_interval", float, 5.0, "seconds between upstream reachability probes", _positive),
-    Option("max_wait", float, 60.0, "longest `Prefer: wait` honoured, seconds", _positive),
-    Option("max_held", int, 1000, "requests held by `Prefer: wait` at once, at most", _count),
-    Option("access_log", bool, False, "log every request (one JSON line each)"),
-    Option("log_level", str, "info", "debug, info, warning or error", _level),
+    Option("probe_interval", float, "seconds between upstream reachability probes", _positive),
+    Option("max_wait", float, "longest `Prefer: wait` honoured, seconds", _positive),
+    Option("max_held", int, "requests held by `Prefer: wait` at once, at most", _count),
+    Option("access_log", bool, "log every request (one JSON line each)"),
+    Option("log_level", str, "debug, info, warning or error", _level),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
 
 @dataclass(frozen=True)
 class Settings:
-    upstream: str = "http://127.0.0.1:5700"
+    """The effective options; the defaults here are the only ones."""
+
+    upstream: str
     host: str = "127.0.0.1"
     port: int = 8080
     profile: str = "gptme"
