@@ -381,20 +381,12 @@ class Pool:
             reused = conn is not None
             if conn is None:
                 conn = await _connect(self._host, self._port, self._connect_timeout, self)
-            response = Response(conn, header_timeout)
-            conn.start(response, head)
             try:
-                await response._head
+                return await _ask(conn, head, header_timeout)
             except UpstreamClosed:
                 if reused and attempt == 0:
                     continue  # a stale pooled connection: once more, on a new one
                 raise
-            except BaseException:
-                # Cancelled (the client left) or failed: nobody will read this
-                # answer, so its connection must not wait for it.
-                response.close()
-                raise
-            return response
         raise AssertionError("unreachable")
 
     def _take_idle(self) -> _Connection | None:
@@ -429,11 +421,20 @@ async def open_stream(
     ``aiohttp.ServerTimeoutError``; close the response to end the stream.
     """
     conn = await _connect(host, port, connect_timeout, None)
-    response = Response(conn, idle_timeout, idle_timeout)
-    conn.start(response, _head("GET", target, headers))
+    return await _ask(conn, _head("GET", target, headers), idle_timeout, idle_timeout)
+
+
+async def _ask(
+    conn: _Connection, head: bytes, header_timeout: float | None, idle_timeout: float | None = None
+) -> Response:
+    """Send ``head`` on ``conn``; the response, once its head has arrived."""
+    response = Response(conn, header_timeout, idle_timeout)
+    conn.start(response, head)
     try:
         await response._head
     except BaseException:
+        # Cancelled (the client left) or failed: nobody will read this
+        # answer, so its connection must not wait for it.
         response.close()
         raise
     return response
