@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -105,14 +106,12 @@ class _ProxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
-        requests = CounterMetricFamily(
-            "sidecar_requests",
+        yield _labelled_counter(
+            "sidecar_requests_total",
             "Requests answered, by kind of route, method and status code.",
-            labels=["kind", "method", "code"],
+            ("kind", "method", "code"),
+            m.requests,
         )
-        for labels, n in sorted(m.requests.items()):
-            requests.add_metric(list(labels), n)
-        yield requests
         latency = HistogramMetricFamily(
             "sidecar_upstream_latency_seconds",
             "Time from sending a request upstream to its response headers.",
@@ -124,7 +123,7 @@ class _ProxyCollector(Collector):
         yield _labelled_counter(
             "sidecar_merges_total",
             "Enrich responses, by result: merged, or passed unchanged (and why).",
-            "result",
+            ("result",),
             m.merges,
         )
 
@@ -178,7 +177,7 @@ class _RegistryCollector(Collector):
         yield _labelled_counter(
             "sidecar_events_total",
             "Events received from upstream streams, by type.",
-            "type",
+            ("type",),
             reg.events_by_type,
         )
         yield _counter(
@@ -200,8 +199,11 @@ def _counter(name: str, doc: str, value: float) -> Metric:
     return family
 
 
-def _labelled_counter(name: str, doc: str, label: str, counts: Counter[str]) -> Metric:
-    family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=[label])
+def _labelled_counter(
+    name: str, doc: str, labels: tuple[str, ...], counts: Mapping[Any, int]
+) -> Metric:
+    """A counter family; a key is one label's value, or a tuple of all of them."""
+    family = CounterMetricFamily(name.removesuffix("_total"), doc, labels=list(labels))
     for key, n in sorted(counts.items()):
-        family.add_metric([key], n)
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], n)
     return family
