@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 
 import aiohttp
 
 from sidecar.fake import FakeGptme, Outcome
 
-from .test_cli import free_port
+from .test_cli import SIDECAR, free_port
 
 
 async def wait_listening(http: aiohttp.ClientSession, url: str) -> None:
@@ -30,9 +29,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(serve) -> None:
     upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
     port, admin_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
+        *SIDECAR,
         "--upstream",
         upstream,
         "--port",
