@@ -275,10 +275,12 @@ class Response:
         assert self._idle_timeout is not None
         if self._eof or self._done:
             return
+        now = self._loop.time()
+        if self._paused:
+            self._last_data = now  # the reader holds bytes back: none are missing
         due = self._last_data + self._idle_timeout
-        if self._paused or self._loop.time() < due:
-            # Bytes came since (or the reader holds them back): check again later.
-            self._timer = self._loop.call_at(max(due, self._loop.time() + 0.001), self._idle)
+        if now < due:  # bytes came since: check again when the silence could be long enough
+            self._timer = self._loop.call_at(due, self._idle)
             return
         self._fail(aiohttp.ServerTimeoutError(f"no bytes for {self._idle_timeout:g} s"))
         self._conn._abort()
