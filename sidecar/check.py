@@ -164,9 +164,9 @@ async def _stream(
                         else (reducer.field_value(data, profile.type_field))
                     )
                     seen[str(kind)] += 1
-                    rule = profile.events.get(str(kind))
-                    if rule is not None:
-                        snap = reducer.apply_event(snap, rule, data, time.time())
+                    rules = profile.events.get(str(kind))
+                    if rules is not None:
+                        snap = reducer.reduce_event(snap, rules, data, time.time(), set(seen))
     except (aiohttp.ClientError, OSError) as exc:
         report.bad(f"the stream failed: {type(exc).__name__}: {exc}")
         return snap

@@ -101,6 +101,12 @@ OPTIONS: tuple[Option, ...] = (
         _positive,
     ),
     Option(
+        "stream_head_timeout",
+        float,
+        "seconds an event stream's response headers may take before it is tried again",
+        _positive,
+    ),
+    Option(
         "start_timeout",
         float,
         "seconds an accepted step may show no event before it is reported failed",
@@ -161,6 +167,7 @@ class Settings:
     response_timeout: float = 60.0
     trigger_wait: float = 2.0
     stale_after: float | None = None
+    stream_head_timeout: float = 3.0
     start_timeout: float = 30.0
     confirm_timeout: float = 5.0
     reconnect_min: float = 0.5

@@ -1,14 +1,19 @@
-"""A stream-first upstream that behaves like the gptme v2 server, traps included.
+"""Stream-first upstreams that behave like gptme's v2 server and opencode's, traps included.
 
-It backs the built-in demo and the project's tests. It is not an idealised
-server: ``/step`` answers before any event (0.31.0), or waits for the first
-token and turns an early error into a 500 (0.35.1); events go to every
+They back the built-in demo and the fast tests; the released servers are the
+reference (``tests/test_real_*.py`` run the same scenarios against them, and
+the README's "What the real servers do" lists what each sends). Not
+idealised: ``/step`` answers before any event (0.31.0), or waits for the
+first token and turns an early error into a 500 (0.35.1); events go to every
 subscriber of a conversation; the ``connected`` event carries the new
-session's state only in 0.35.1; GET reports the wrong session's state with
-more than one subscriber (0.35.1); auth, Host checks, compression and a weak
-ETag computed from the log alone can be switched on. Faults can be injected:
-drop every stream, go silent without closing (half-open), or restart and
-forget every session.
+session's state only in 0.35.1, which also ends every step with
+``step_complete``; a confirmed or skipped tool is followed by a new
+generation, and no event names a skipped tool; an interrupt is followed by
+late events; GET reports the wrong session's state with more than one
+subscriber (0.35.1); auth, Host checks, compression and a weak ETag computed
+from the log alone can be switched on. Faults can be injected: drop every
+stream, go silent without closing (half-open), or restart and forget every
+session.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import gzip
 import hashlib
 import itertools
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +56,7 @@ class Outcome:
     error_after: int = 0  # tokens produced before an error
     start_delay: float = 0.0  # before generation_started (0.31.0's gap)
     tool: str = "shell"
+    tool_seconds: float = 0.0  # how long a confirmed tool runs
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Session:
     last_error: str | None = None
     pending_tools: dict[str, Any] = field(default_factory=dict)
     activity: int = 0
+    auto_confirm: bool = False
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Conversation:
     log: list[dict[str, Any]] = field(default_factory=list)
     subscribers: list[asyncio.Queue[dict[str, Any] | None]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    interrupted: bool = False  # the task is being cancelled by an interrupt
 
 
 class FakeGptme:
@@ -271,10 +280,8 @@ class FakeGptme:
             return self._json(request, {"error": "Session not found"}, 404)
         if session.generating:
             return self._json(request, {"error": "Generation already in progress"}, 409)
-        first = asyncio.get_running_loop().create_future()
-        session.generating = True
-        session.last_error = None
-        conv.task = asyncio.create_task(self._generate(conv, session, self.outcome, first))
+        session.auto_confirm = bool(body.get("auto_confirm"))
+        first = self._start(conv, session, self.outcome)
         if self.modern:
             # 0.35.1 waits up to 5 s for the first token or an early error.
             with contextlib.suppress(TimeoutError):
@@ -282,6 +289,20 @@ class FakeGptme:
             if first.done() and first.result() is not None:
                 return self._json(request, {"status": "error", "error": first.result()}, 500)
         return self._json(request, {"status": "ok", "message": "Step started"})
+
+    def _start(
+        self, conv: Conversation, session: Session, outcome: Outcome
+    ) -> asyncio.Future[str | None]:
+        """Run a generation in the background; the future settles at its first token."""
+        first = asyncio.get_running_loop().create_future()
+        session.generating = True
+        session.last_error = None
+        conv.task = asyncio.create_task(self._generate(conv, session, outcome, first))
+        return first
+
+    def _end_step(self, cid: str) -> None:
+        if self.modern:
+            self.broadcast(cid, {"type": "step_complete"})
 
     async def _generate(
         self,
@@ -294,10 +315,10 @@ class FakeGptme:
             if not first.done():
                 first.set_result(value)
 
+        produced: list[str] = []
         try:
             await asyncio.sleep(outcome.start_delay)
             self.broadcast(conv.id, {"type": "generation_started"})
-            produced = []
             for i in range(outcome.tokens):
                 if outcome.kind == "error" and i == outcome.error_after:
                     break
@@ -309,30 +330,72 @@ class FakeGptme:
             if outcome.kind == "error":
                 session.last_error = outcome.error
                 session.generating = False
+                if self.modern:
+                    note = {"role": "system", "content": f"Error: {outcome.error}"}
+                    self.broadcast(conv.id, {"type": "message_added", "message": note})
                 self.broadcast(conv.id, {"type": "error", "error": outcome.error})
+                self._end_step(conv.id)
                 settle(outcome.error)
                 return
             message = {"role": "assistant", "content": "".join(produced)}
             conv.log.append(message)
+            self.broadcast(conv.id, {"type": "message_added", "message": message})
             self.broadcast(conv.id, {"type": "generation_complete", "message": message})
-            if outcome.kind == "tool":
-                tool_id = uuid.uuid4().hex[:8]
-                tooluse = {"tool": outcome.tool, "args": [], "content": "ls"}
-                session.pending_tools[tool_id] = tooluse
-                self.broadcast(
-                    conv.id,
-                    {
-                        "type": "tool_pending",
-                        "tool_id": tool_id,
-                        "tooluse": tooluse,
-                        "auto_confirm": False,
-                    },
-                )
             session.generating = False
             settle(None)
+            if outcome.kind == "tool":
+                await self._propose_tool(conv, session, outcome)
+            else:
+                self._end_step(conv.id)
+        except asyncio.CancelledError:
+            if not conv.interrupted:
+                raise  # the server went away: nothing more is sent
+            # Interrupted: 0.31.0 still sends the cut-off answer and a
+            # generation_complete; 0.35.1 flushes one last token.
+            conv.interrupted = False
+            if self.modern:
+                self.broadcast(conv.id, {"type": "generation_progress", "token": "…"})
+            else:
+                await asyncio.sleep(0.05)
+                message = {"role": "assistant", "content": "".join(produced) + " [INTERRUPTED]"}
+                conv.log.append(message)
+                self.broadcast(conv.id, {"type": "message_added", "message": message})
+                self.broadcast(conv.id, {"type": "generation_complete", "message": message})
         finally:
             settle(None)
             session.generating = False
+
+    async def _propose_tool(self, conv: Conversation, session: Session, outcome: Outcome) -> None:
+        tool_id = uuid.uuid4().hex[:8]
+        tooluse = {"tool": outcome.tool, "args": [], "content": "ls"}
+        auto = session.auto_confirm
+        self.broadcast(
+            conv.id,
+            {"type": "tool_pending", "tool_id": tool_id, "tooluse": tooluse, "auto_confirm": auto},
+        )
+        self._end_step(conv.id)  # 0.35.1 ends the step here, even when the tool runs next
+        if auto:
+            await self._run_tool(conv, session, tool_id, outcome)
+        else:
+            session.pending_tools[tool_id] = tooluse
+
+    async def _run_tool(
+        self, conv: Conversation, session: Session, tool_id: str, outcome: Outcome
+    ) -> None:
+        """Run a confirmed tool, then generate again: the model reads its output."""
+        self.broadcast(conv.id, {"type": "tool_executing", "tool_id": tool_id})
+        await asyncio.sleep(outcome.tool_seconds)
+        output = {"role": "system", "content": "Ran command: `ls`\n\nfile.txt\n"}
+        conv.log.append(output)
+        if self.modern:
+            self.broadcast(conv.id, {"type": "tool_output", "tool_id": tool_id, "output": "x"})
+        self.broadcast(conv.id, {"type": "message_added", "message": output})
+        if self.modern:
+            self.broadcast(
+                conv.id,
+                {"type": "tool_complete", "tool_id": tool_id, "duration_ms": 3, "success": True},
+            )
+        await self._generate(conv, session, Outcome(tokens=2), asyncio.Future())
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         cid = request.match_info["id"]
@@ -391,13 +454,26 @@ class FakeGptme:
         tool_id = body.get("tool_id", "")
         if tool_id not in session.pending_tools:
             return self._json(request, {"error": f"Tool not found: {tool_id}"}, 404)
+        action = body.get("action")
+        if action not in ("confirm", "edit", "skip", "auto"):
+            return self._json(request, {"error": f"Unknown action: {action}"}, 400)
         del session.pending_tools[tool_id]
-        self.broadcast(cid, {"type": "tool_executing", "tool_id": tool_id})
-        self.broadcast(cid, {"type": "tool_output", "tool_id": tool_id, "output": "file.txt"})
-        self.broadcast(
-            cid, {"type": "tool_complete", "tool_id": tool_id, "duration_ms": 3, "success": True}
-        )
-        return self._json(request, {"status": "ok", "message": "Tool confirmed"})
+        conv = self.conversations[cid]
+        session.generating = True
+        if action == "skip":
+            # No event names the skipped tool: only the request body does.
+            text = (
+                "User chose not to execute this tool." if self.modern else f"Skipped tool {tool_id}"
+            )
+            note = {"role": "system", "content": text}
+            conv.log.append(note)
+            self.broadcast(cid, {"type": "message_added", "message": note})
+            conv.task = asyncio.create_task(
+                self._generate(conv, session, Outcome(tokens=2), asyncio.Future())
+            )
+        else:
+            conv.task = asyncio.create_task(self._run_tool(conv, session, tool_id, self.outcome))
+        return self._json(request, {"status": "ok", "message": f"Tool {action}ed"})
 
     async def _interrupt(self, request: web.Request) -> web.Response:
         cid = request.match_info["id"]
@@ -406,37 +482,58 @@ class FakeGptme:
         if session is None:
             return self._json(request, {"error": "Session not found"}, 404)
         conv = self.conversations[cid]
-        if conv.task is not None:
-            conv.task.cancel()
         session.generating = False
         session.pending_tools.clear()
         self.broadcast(cid, {"type": "interrupted"})
+        if conv.task is not None and not conv.task.done():
+            conv.interrupted = True
+            conv.task.cancel()  # its late events follow the interrupt
         return self._json(request, {"status": "ok", "message": "Interrupted"})
 
 
 class FakeOpencode:
-    """An opencode-style upstream: one shared ``/event`` stream for all sessions.
+    """An opencode-style upstream (opencode-ai 1.18.33): one shared ``/event`` stream.
 
     ``POST /session/{id}/prompt_async`` answers 204 and runs the outcome in
-    the background; a failure is a ``session.error`` event that
-    ``GET /session/{id}`` never shows.
+    the background. Every end of work, a failure included, is followed by
+    ``session.status`` idle and ``session.idle``; a failure is a
+    ``session.error`` event that ``GET /session/{id}`` never shows; an abort
+    is a ``session.error`` named ``MessageAbortedError``; a tool outcome asks
+    a permission (``permission.asked``, answered by
+    ``POST /permission/{id}/reply``); ``retries`` model calls fail first
+    (``session.status`` retry).
     """
 
-    def __init__(self, outcome: Outcome | None = None, heartbeat: float = 10.0) -> None:
+    def __init__(
+        self, outcome: Outcome | None = None, heartbeat: float = 10.0, retries: int = 0
+    ) -> None:
         self.outcome = outcome or Outcome()
         self.heartbeat = heartbeat
+        self.retries = retries
         self.sessions: dict[str, dict[str, Any]] = {}
+        self.busy: dict[str, asyncio.Task[None]] = {}
+        self.permissions: dict[str, dict[str, Any]] = {}
+        self._replies: dict[str, asyncio.Future[str]] = {}
         self.subscribers: list[asyncio.Queue[dict[str, Any] | None]] = []
         self.requests: list[tuple[str, str]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/session", self._list)
         app.router.add_post("/session", self._create)
+        app.router.add_get("/session/status", self._status)
         app.router.add_get("/session/{id}", self._get)
         app.router.add_post("/session/{id}/prompt_async", self._prompt)
+        app.router.add_post("/session/{id}/abort", self._abort)
+        app.router.add_get("/permission", self._permissions)
+        app.router.add_post("/permission/{id}/reply", self._reply)
         app.router.add_get("/event", self._events)
         app.on_shutdown.append(self._end_streams)
         self.app = app
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        """An id as opencode makes them: a prefix, "_", and 26 letters and digits."""
+        return prefix + "_" + uuid.uuid4().hex[:12] + uuid.uuid4().hex[:14]
 
     @web.middleware
     async def _record(
@@ -450,16 +547,21 @@ class FakeOpencode:
             queue.put_nowait(None)
 
     def broadcast(self, event_type: str, **properties: Any) -> None:
+        event = {"id": self.new_id("evt"), "type": event_type, "properties": properties}
         for queue in self.subscribers:
-            queue.put_nowait({"type": event_type, "properties": properties})
+            queue.put_nowait(event)
 
     async def _list(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.sessions.values()))
 
     async def _create(self, request: web.Request) -> web.Response:
-        sid = "ses_" + uuid.uuid4().hex[:10]
+        sid = self.new_id("ses")
         self.sessions[sid] = {"id": sid, "title": "New session", "time": {"created": 0}}
+        self.broadcast("session.created", sessionID=sid, info=self.sessions[sid])
         return web.json_response(self.sessions[sid])
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response({sid: {"type": "busy"} for sid in self.busy})
 
     async def _get(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.match_info["id"])
@@ -473,23 +575,80 @@ class FakeOpencode:
             return web.json_response({"name": "NotFoundError"}, status=404)
         await request.read()
         task = asyncio.create_task(self._run(sid, self.outcome))
+        self.busy[sid] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return web.Response(status=204)
 
-    async def _run(self, sid: str, outcome: Outcome) -> None:
-        await asyncio.sleep(outcome.start_delay)
-        self.broadcast("session.status", sessionID=sid, status={"type": "busy"})
-        for i in range(outcome.tokens):
-            if outcome.kind == "error" and i == outcome.error_after:
-                break
-            part = {"sessionID": sid, "type": "text", "text": f"tok{i}"}
-            self.broadcast("message.part.updated", sessionID=sid, part=part)
-            await asyncio.sleep(outcome.pace)
-        if outcome.kind == "error":
-            error = {"name": "ProviderAuthError", "data": {"message": outcome.error}}
-            self.broadcast("session.error", sessionID=sid, error=error)
+    async def _abort(self, request: web.Request) -> web.Response:
+        task = self.busy.get(request.match_info["id"])
+        if task is not None:
+            task.cancel()
+        return web.json_response(True)
+
+    async def _permissions(self, request: web.Request) -> web.Response:
+        return web.json_response(list(self.permissions.values()))
+
+    async def _reply(self, request: web.Request) -> web.Response:
+        pid = request.match_info["id"]
+        waiter = self._replies.pop(pid, None)
+        if waiter is None:
+            return web.json_response({"name": "NotFoundError"}, status=404)
+        reply = (await request.json()).get("reply", "once")
+        waiter.set_result(reply)
+        return web.json_response(True)
+
+    def _idle(self, sid: str) -> None:
+        self.broadcast("session.status", sessionID=sid, status={"type": "idle"})
         self.broadcast("session.idle", sessionID=sid)
+
+    async def _run(self, sid: str, outcome: Outcome) -> None:
+        busy = {"type": "busy"}
+        try:
+            await asyncio.sleep(outcome.start_delay)
+            self.broadcast("session.status", sessionID=sid, status=busy)
+            self.broadcast("session.status", sessionID=sid, status=busy)
+            for attempt in range(1, self.retries + 1):
+                due = int((time.time() + outcome.pace) * 1000)
+                retry = {"type": "retry", "attempt": attempt, "message": "Rate limit", "next": due}
+                self.broadcast("session.status", sessionID=sid, status=retry)
+                await asyncio.sleep(outcome.pace)
+                self.broadcast("session.status", sessionID=sid, status=busy)
+            for i in range(outcome.tokens):
+                if outcome.kind == "error" and i == outcome.error_after:
+                    break
+                part = {"sessionID": sid, "type": "text", "text": f"tok{i}"}
+                self.broadcast("message.part.updated", sessionID=sid, part=part)
+                await asyncio.sleep(outcome.pace)
+            if outcome.kind == "error":
+                error = {"name": "APIError", "data": {"message": outcome.error}}
+                self.broadcast("session.error", sessionID=sid, error=error)
+                self._idle(sid)
+                self.broadcast("message.updated", sessionID=sid, info={"error": error})
+            elif outcome.kind == "tool" and await self._ask(sid) == "reject":
+                pass  # opencode ends the run: idle follows, no error
+        except asyncio.CancelledError:
+            aborted = {"name": "MessageAbortedError", "data": {"message": "Aborted"}}
+            self.broadcast("session.error", sessionID=sid, error=aborted)
+        finally:
+            self.busy.pop(sid, None)
+            self._idle(sid)
+
+    async def _ask(self, sid: str) -> str:
+        pid = self.new_id("per")
+        asked = {"id": pid, "sessionID": sid, "permission": "bash", "patterns": ["ls"]}
+        self.permissions[pid] = asked
+        waiter = self._replies[pid] = asyncio.get_running_loop().create_future()
+        self.broadcast("permission.asked", **asked)
+        try:
+            reply = await waiter
+        finally:
+            self.permissions.pop(pid, None)
+            self._replies.pop(pid, None)
+        self.broadcast("permission.replied", sessionID=sid, requestID=pid, reply=reply)
+        if reply != "reject":
+            self.broadcast("session.status", sessionID=sid, status={"type": "busy"})
+        return str(reply)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -497,7 +656,7 @@ class FakeOpencode:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self.subscribers.append(queue)
         try:
-            await response.write(b'data: {"type": "server.connected", "properties": {}}\n\n')
+            await response.write(b'data: {"type":"server.connected","properties":{}}\n\n')
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), self.heartbeat)

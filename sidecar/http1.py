@@ -416,14 +416,17 @@ async def open_stream(
     headers: Mapping[str, str],
     connect_timeout: float,
     idle_timeout: float,
+    head_timeout: float | None = None,
 ) -> Response:
     """A GET for a long-lived stream, on a connection of its own.
 
-    No bytes for ``idle_timeout`` (the head included) fails it with
-    ``aiohttp.ServerTimeoutError``; close the response to end the stream.
+    No head within ``head_timeout`` (default: ``idle_timeout``), or no bytes
+    for ``idle_timeout`` after it, fails it with ``aiohttp.ServerTimeoutError``;
+    close the response to end the stream.
     """
     conn = await _connect(host, port, connect_timeout, None)
-    return await _ask(conn, _head("GET", target, headers), idle_timeout, idle_timeout)
+    head = _head("GET", target, headers)
+    return await _ask(conn, head, head_timeout or idle_timeout, idle_timeout)
 
 
 async def _ask(

@@ -12,13 +12,14 @@ The merge is ``(body bytes, key, snapshot) -> body bytes``:
   keys stay, and the body is serialised again.
 
 ETags: the upstream's tag covers its body, not the snapshot, so a merged
-response carries ``W/"<upstream tag>;sc=<snapshot digest>"`` (with an empty
-upstream part when the upstream sends no tag). An incoming
-``If-None-Match`` is translated back: a tag whose digest is the current
-snapshot's is forwarded as the upstream's tag; a tag with another digest is
-dropped, so the upstream answers 200 and the client gets the new state. A
-``304`` can therefore only happen when neither the body nor the snapshot
-changed.
+response carries ``W/"<upstream tag>;sc=<digest>"``: the digest covers the
+snapshot and, when the upstream sends no tag, the upstream's body too, so a
+tag always names the body as served. An incoming ``If-None-Match`` is
+translated back: a tag whose digest is still current (served since the last
+change of the snapshot or the resource) is forwarded as the upstream's tag;
+a stale one is dropped, so the upstream answers 200 and the client gets the
+new body. A ``304`` can therefore only happen when neither the body nor the
+snapshot changed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Container
 from typing import Any
 
 import orjson
@@ -40,10 +42,12 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 __all__ = [
     "MergeError",
+    "body_digest",
     "decode_body",
     "encode_body",
     "merge",
     "merged_etag",
+    "parse_etags",
     "supported_encoding",
     "translate_if_none_match",
 ]
@@ -113,48 +117,101 @@ def merge_object(upstream: Any, snap: Snapshot) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ ETags
 
-_TAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
-_SUFFIX = re.compile(r'^"(.*);sc=([0-9a-f]+)"$')
+
+def parse_etags(value: str) -> list[tuple[bool, str]]:
+    """The entity tags of an ``If-None-Match`` list: (weak, quoted tag) pairs.
+
+    A single left-to-right scan (RFC 9110 section 8.8.3): linear in the
+    header's length whatever it holds. Anything that is not a tag is skipped.
+    """
+    tags = []
+    i, n = 0, len(value)
+    while i < n:
+        c = value[i]
+        if c in " \t,":
+            i += 1
+            continue
+        weak = value.startswith("W/", i)
+        if weak:
+            i += 2
+        if i < n and value[i] == '"':
+            close = value.find('"', i + 1)
+            if close < 0:
+                break
+            tags.append((weak, value[i : close + 1]))
+            i = close + 1
+        else:
+            comma = value.find(",", i)
+            i = n if comma < 0 else comma + 1  # not a tag: skip to the next item
+    return tags
 
 
-def merged_etag(upstream_etag: str | None, snap: Snapshot) -> str:
+def _ours(tag: str) -> tuple[str, str] | None:
+    """(upstream part, digest) of a sidecar tag such as ``"abc;sc=0f1e"``."""
+    inner = tag[1:-1]
+    head, sep, digest = inner.rpartition(";sc=")
+    if not sep or not digest or not all(c in "0123456789abcdef" for c in digest):
+        return None
+    return head, digest
+
+
+def _opaque(upstream_etag: str | None) -> str:
+    if not upstream_etag:
+        return ""
+    tags = parse_etags(upstream_etag)
+    return tags[0][1][1:-1] if tags else upstream_etag.replace('"', "")
+
+
+def body_digest(upstream_etag: str | None, snap: Snapshot, upstream_body: bytes | None) -> str:
+    """The digest in a merged ETag: it changes whenever the body served does.
+
+    The upstream's tag covers its body and the snapshot's digest covers the
+    merged part. Without an upstream tag (gptme 0.31.0), the upstream's body
+    bytes are summed instead (CRC-32 and Adler-32: a weak validator needs no
+    cryptographic strength, and this costs ~10 µs at 64 KiB).
+    """
+    if _opaque(upstream_etag) or upstream_body is None:
+        return snap.digest
+    return f"{snap.digest[:8]}{zlib.crc32(upstream_body):08x}{zlib.adler32(upstream_body):08x}"
+
+
+def merged_etag(upstream_etag: str | None, digest: str) -> str:
     """The ETag of a merged response (always weak: the body is re-encoded).
 
     Without an upstream tag the upstream part is empty: such a tag lets a
-    client long-poll on the state, but never earns a 304, since nothing then
-    vouches for the body.
+    client long-poll, but never earns a 304, since nothing then vouches for
+    the body upstream.
     """
-    opaque = ""
-    if upstream_etag:
-        m = re.match(r'\s*(?:W/)?"([^"]*)"\s*$', upstream_etag)
-        opaque = m.group(1) if m else upstream_etag.replace('"', "")
-    return f'W/"{opaque};sc={snap.digest}"'
+    return f'W/"{_opaque(upstream_etag)};sc={digest}"'
 
 
-def translate_if_none_match(value: str, snap: Snapshot) -> str | None:
+def translate_if_none_match(value: str, current: Container[str]) -> str | None:
     """Turn a client's If-None-Match into what the upstream should see.
 
-    Returns None when no tag can still match (the header is then dropped).
+    One of the sidecar's tags is forwarded as the upstream's own tag only if
+    its digest is ``current`` (served since the last change); a stale one is
+    dropped, so the upstream answers 200 and the client gets the new body.
+    Returns None when no tag is left (the header is then dropped).
     """
     if value.strip() == "*":
         return value
     kept = []
-    for weak, tag in _TAG.findall(value):
-        m = _SUFFIX.match(tag)
-        if m is None:
-            kept.append(f"{weak}{tag}")  # not one of ours: leave it to the upstream
-        elif m.group(2) == snap.digest and m.group(1):
-            kept.append(f'W/"{m.group(1)}"')
+    for weak, tag in parse_etags(value):
+        ours = _ours(tag)
+        if ours is None:
+            kept.append(f"W/{tag}" if weak else tag)  # not ours: the upstream's to judge
+        elif ours[1] in current and ours[0]:
+            kept.append(f'W/"{ours[0]}"')
     return ", ".join(kept) if kept else None
 
 
 def etag_digests(value: str) -> set[str]:
-    """The snapshot digests named by the sidecar's tags in an If-None-Match."""
+    """The digests named by the sidecar's tags in an If-None-Match."""
     found = set()
-    for _, tag in _TAG.findall(value):
-        m = _SUFFIX.match(tag)
-        if m is not None:
-            found.add(m.group(2))
+    for _, tag in parse_etags(value):
+        ours = _ours(tag)
+        if ours is not None:
+            found.add(ours[1])
     return found
 
 

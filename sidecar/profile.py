@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from .snapshot import CLEARABLE, STATE_KEYS, STATUSES
+from .snapshot import CLEARABLE, RETRY_KEYS, STATE_KEYS, STATUSES
 
 __all__ = [
     "BUILTIN_PROFILES",
@@ -32,7 +32,7 @@ __all__ = [
     "load_profile",
 ]
 
-BUILTIN_PROFILES = ("gptme",)
+BUILTIN_PROFILES = ("gptme", "opencode")
 
 
 class ProfileError(ValueError):
@@ -90,21 +90,39 @@ class Trigger:
     method: str
     path: PathTemplate
     session_field: str | None = None
-    on_accept: EventRule | None = None
+    #: Rules for a 2xx answer, matched against the request's JSON body.
+    on_accept: tuple[EventRule, ...] = ()
     error_field: str | None = None
+
+
+#: Where a rule reads: the event (or, for a trigger, the request body).
+Fields = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class EventRule:
-    """What one event type does to a snapshot (see ``config/gptme.toml``)."""
+    """One rule: when it applies, and what it does to a snapshot.
+
+    Conditions (all must hold; see the README's "Profiles"): ``match`` on field
+    values, ``when_status`` / ``unless_status`` on the current status,
+    ``if_seen`` on what the stream has carried. Effects: the rest. Field names
+    are dotted paths into the event's JSON (or a trigger's request body).
+    """
 
     status: str | None = None
-    last_error: str | None = None  # event field to copy into last_error
+    last_error: str | None = None  # field to copy into last_error
     clear: tuple[str, ...] = ()
     add_pending: str | None = None
     remove_pending: str | None = None
     state: dict[str, str] | None = None
+    #: retry fields (attempt, message, next_at) read from these paths
+    retry: dict[str, str] | None = None
+    #: (field path, accepted values): the field must equal one of them
+    match: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     when_status: frozenset[str] | None = None
+    unless_status: frozenset[str] | None = None
+    #: apply only once the stream's current connection carried one of these
+    if_seen: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,12 +146,22 @@ class Profile:
     #: Where `sidecar check` finds an existing resource, and its id field.
     list_path: str | None
     list_id_field: str
-    events: dict[str, EventRule] = field(default_factory=dict)
+    #: Per event type, its rules in order: the first that applies wins.
+    events: dict[str, tuple[EventRule, ...]] = field(default_factory=dict)
+    #: The resource is itself the session (opencode): its id is ``session.id``.
+    id_is_session: bool = False
     source: str = "<builtin>"
 
     @property
     def shared_stream(self) -> bool:
         return not self.stream.has_id
+
+    @property
+    def seen_types(self) -> frozenset[str]:
+        """Event types some rule's ``if_seen`` asks about (the only ones tracked)."""
+        return frozenset(
+            t for rules in self.events.values() for r in rules for t in (r.if_seen or ())
+        )
 
     def match_trigger(self, method: str, raw_path: str) -> tuple[Trigger, str] | None:
         for trigger in self.triggers:
@@ -161,6 +189,11 @@ def load_profile(name_or_path: str) -> Profile:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
+            if "/" not in name_or_path and not name_or_path.endswith(".toml"):
+                raise ProfileError(
+                    f"profile {name_or_path!r}: no such built-in profile "
+                    f"(built-in: {', '.join(BUILTIN_PROFILES)}) and no such file"
+                ) from exc
             raise ProfileError(f"profile {name_or_path!r}: cannot read ({exc.strerror})") from exc
         source = str(path)
     try:
@@ -221,6 +254,7 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
     if list_path is not None and not list_path.startswith("/"):
         raise ProfileError("resource.list_path: must start with '/'")
     list_id_field = res.get("list_id_field", str, "id")
+    id_is_session = res.get("is_session", bool, False)
     res.done()
 
     st = _Reader(top.get("stream", dict), "stream")
@@ -255,13 +289,17 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         path = PathTemplate(tr.get("path", str), id_pattern, f"{where}.path")
         if not path.has_id:
             raise ProfileError(f"{where}.path: must contain {{id}}")
-        accept = tr.get("on_accept", dict, None)
+        accept = tr.get("on_accept", (dict, list), None)
+        on_accept = _rules(accept, f"{where}.on_accept") if accept is not None else ()
+        for i, rule in enumerate(on_accept):
+            if rule.state is not None or rule.if_seen is not None:
+                raise ProfileError(f"{where}.on_accept[{i}]: state and if_seen are for events")
         triggers.append(
             Trigger(
                 method=tr.get("method", str, "POST").upper(),
                 path=path,
                 session_field=tr.get("session_field", str, None),
-                on_accept=_rule(accept, f"{where}.on_accept") if accept is not None else None,
+                on_accept=on_accept,
                 error_field=tr.get("error_field", str, None),
             )
         )
@@ -274,7 +312,7 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
     he.done()
 
     events = {
-        event_type: _rule(raw, f"events.{event_type}")
+        event_type: _rules(raw, f"events.{event_type}")
         for event_type, raw in top.get("events", dict, {}).items()
     }
     top.done()
@@ -295,8 +333,40 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         list_path=list_path,
         list_id_field=list_id_field,
         events=events,
+        id_is_session=id_is_session,
         source=source,
     )
+
+
+def _rules(raw: Any, where: str) -> tuple[EventRule, ...]:
+    """One rule (a table) or several (an array of tables), in order."""
+    if isinstance(raw, dict):
+        return (_rule(raw, where),)
+    if not isinstance(raw, list) or not raw:
+        raise ProfileError(f"{where}: expected a table or a non-empty array of tables")
+    return tuple(_rule(r, f"{where}[{i}]") for i, r in enumerate(raw))
+
+
+def _statuses(r: _Reader, key: str, where: str) -> frozenset[str] | None:
+    values = r.get(key, list, None)
+    if values is None:
+        return None
+    for s in values:
+        if s not in STATUSES:
+            raise ProfileError(f"{where}.{key}: unknown status {s!r}")
+    return frozenset(values)
+
+
+def _field_map(r: _Reader, key: str, names: tuple[str, ...], where: str) -> dict[str, str] | None:
+    table = r.get(key, dict, None)
+    if table is None:
+        return None
+    for name, value in table.items():
+        if name not in names:
+            raise ProfileError(f"{where}.{key}: unknown field {name!r}")
+        if not isinstance(value, str):
+            raise ProfileError(f"{where}.{key}.{name}: expected a field name")
+    return dict(table)
 
 
 def _rule(raw: Any, where: str) -> EventRule:
@@ -308,26 +378,27 @@ def _rule(raw: Any, where: str) -> EventRule:
     for name in clear:
         if name not in CLEARABLE:
             raise ProfileError(f"{where}.clear: unknown field {name!r}")
-    state = r.get("state", dict, None)
-    if state is not None:
-        for name, value in state.items():
-            if name not in STATE_KEYS:
-                raise ProfileError(f"{where}.state: unknown field {name!r}")
-            if not isinstance(value, str):
-                raise ProfileError(f"{where}.state.{name}: expected an event field name")
-    when = r.get("when_status", list, None)
-    if when is not None:
-        for s in when:
-            if s not in STATUSES:
-                raise ProfileError(f"{where}.when_status: unknown status {s!r}")
+    match = []
+    for path, value in r.get("match", dict, {}).items():
+        values = tuple(value) if isinstance(value, list) else (value,)
+        if not values or not all(isinstance(v, str | int | float | bool) for v in values):
+            raise ProfileError(f"{where}.match.{path}: expected a value or a list of values")
+        match.append((path, values))
+    seen = r.get("if_seen", list, None)
+    if seen is not None and not all(isinstance(t, str) for t in seen):
+        raise ProfileError(f"{where}.if_seen: expected a list of event types")
     rule = EventRule(
         status=status,
         last_error=r.get("last_error", str, None),
         clear=clear,
         add_pending=r.get("add_pending", str, None),
         remove_pending=r.get("remove_pending", str, None),
-        state=state,
-        when_status=frozenset(when) if when is not None else None,
+        state=_field_map(r, "state", STATE_KEYS, where),
+        retry=_field_map(r, "retry", RETRY_KEYS, where),
+        match=tuple(match),
+        when_status=_statuses(r, "when_status", where),
+        unless_status=_statuses(r, "unless_status", where),
+        if_seen=frozenset(seen) if seen is not None else None,
     )
     r.done()
     return rule

@@ -480,25 +480,27 @@ class Proxy:
                 extra={"resource": resource_id, "stream": conv.snapshot.stream},
             )
         data = None
+        body: dict[str, Any] = {}
         length = request.content_length
         if request.body_exists and length is not None and length <= TRIGGER_BODY_PEEK:
             data = await request.read()  # forwarded exactly as received
-            session_id = _json_field(data, trigger.session_field)
-            if session_id is not None:
+            body = _json_object(data)
+            session_id = _json_field(body, trigger.session_field)
+            if session_id is not None and not self.profile.id_is_session:
                 conv.set(reducer.learn_session(conv.snapshot, session_id))
         token = reducer.trigger_token(conv.snapshot)
         upstream = await self._send(exchange, target, data=data)
         now = time.time()
         if 200 <= upstream.status < 300:
-            self.registry.accept_trigger(conv, token, trigger)
+            self.registry.accept_trigger(conv, token, trigger, body)
         elif upstream.status >= 500 and trigger.error_field:
-            body = await self._read_small(upstream)
-            if body is not None:
-                decoded = _decoded(body, upstream.headers.get("Content-Encoding", ""))
-                error = _json_field(decoded, trigger.error_field) if decoded else None
+            answer = await self._read_small(upstream)
+            if answer is not None:
+                decoded = _decoded(answer, upstream.headers.get("Content-Encoding", ""))
+                error = _json_field(_json_object(decoded or b""), trigger.error_field)
                 if error is not None:
                     conv.set(reducer.fail_trigger(conv.snapshot, token, error, now))
-                await self._relay(exchange, upstream, first=body)
+                await self._relay(exchange, upstream, first=answer)
                 return
         await self._relay(exchange, upstream)
 
@@ -515,32 +517,34 @@ class Proxy:
         await self._hold_until_changed(exchange, conv)
         headers = request_headers(exchange, self.upstream, self.settings.preserve_host, self.via)
         for _attempt in range(2):
-            snap = conv.snapshot
+            epoch = conv.epoch
             inm = exchange.headers.get("If-None-Match")
             if inm is not None:
-                translated = merge.translate_if_none_match(inm, snap)
+                translated = merge.translate_if_none_match(inm, conv.served)
                 if translated is None:
                     headers.popall("If-None-Match", None)
                 else:
                     headers["If-None-Match"] = translated
             upstream = await self._send(exchange, target, headers=headers)
             if upstream.status != 304:
-                await self._merge_response(exchange, upstream, conv)
+                await self._merge_response(exchange, upstream, conv, epoch)
                 return
-            if conv.snapshot.digest == snap.digest:
+            if conv.epoch == epoch:
                 await self._not_modified(exchange, upstream, conv)
                 return
-            # The snapshot changed while the upstream answered 304: ask again
+            # The state changed while the upstream answered 304: ask again
             # without the condition, so the client gets the new state.
             upstream.release()
             headers.popall("If-None-Match", None)
         raise AssertionError("unreachable: the second attempt is unconditional")
 
     async def _hold_until_changed(self, exchange: Exchange, conv: Conversation) -> None:
-        """``Prefer: wait=N`` with an If-None-Match of the current state (RFC 7240).
+        """``Prefer: wait=N`` with an If-None-Match of the current body (RFC 7240).
 
-        The request is held until the snapshot changes or N seconds pass,
-        then answered as usual: push-like latency for a plain REST client.
+        The request is held until the snapshot or the resource changes, or N
+        seconds pass, then answered as usual: push-like latency for a plain
+        REST client. A tag that is not current (another body was served since,
+        or the sidecar never served it) is answered at once.
         """
         if "Prefer" not in exchange.headers:
             return
@@ -548,8 +552,8 @@ class Proxy:
         inm = exchange.headers.get("If-None-Match")
         if wait is None or inm is None or self.closing or self._held >= self.settings.max_held:
             return
-        if conv.snapshot.digest not in merge.etag_digests(inm):
-            return  # the client's state is already stale: answer now
+        if merge.etag_digests(inm).isdisjoint(conv.served):
+            return  # the client has not seen the current body: answer now
         self._held += 1
         try:
             await conv.wait_changed(min(wait, self.settings.max_wait))
@@ -560,12 +564,14 @@ class Proxy:
         self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation
     ) -> None:
         headers = response_headers(upstream, exchange.version, self.via)
-        headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
+        upstream_tag = upstream.headers.get("ETag")
+        digest = merge.body_digest(upstream_tag, conv.snapshot, None)
+        headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         upstream.release()
         await exchange.respond(304, upstream.reason, headers, b"")
 
     async def _merge_response(
-        self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation
+        self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation, epoch: int
     ) -> None:
         encoding = upstream.headers.get("Content-Encoding", "")
         cache_control = upstream.headers.get("Cache-Control", "").lower()
@@ -591,9 +597,10 @@ class Proxy:
             self.metrics.count_merge("too_large")
             await self._relay(exchange, upstream, first=body)
             return
+        snap = conv.snapshot
         try:
             decoded = merge.decode_body(body, encoding, limit)
-            merged = merge.merge(decoded, self.profile.key, conv.snapshot)
+            merged = merge.merge(decoded, self.profile.key, snap)
             out = merge.encode_body(merged, encoding)
         except (merge.MergeError, OSError, ValueError) as exc:
             log.info("body passed unmerged", extra={"reason": str(exc), "resource": conv.id})
@@ -604,7 +611,10 @@ class Proxy:
         headers = response_headers(upstream, exchange.version, self.via)
         headers["Content-Length"] = str(len(out))  # known: headers go out with the body
         headers.popall("Content-MD5", None)
-        headers["ETag"] = merge.merged_etag(upstream.headers.get("ETag"), conv.snapshot)
+        upstream_tag = upstream.headers.get("ETag")
+        digest = merge.body_digest(upstream_tag, snap, body)
+        headers["ETag"] = merge.merged_etag(upstream_tag, digest)
+        conv.remember_served(digest, epoch)
         upstream.release()
         await exchange.respond(upstream.status, upstream.reason, headers, out)
 
@@ -748,12 +758,19 @@ def _decoded(body: bytes, encoding: str) -> bytes | None:
         return None
 
 
-def _json_field(body: bytes, name: str | None) -> str | None:
-    if not name or not body:
-        return None
+def _json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object body, or {} for anything else."""
+    if not body:
+        return {}
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _json_field(doc: dict[str, Any], name: str | None) -> str | None:
+    if not name:
         return None
-    value = reducer.field_value(doc, name) if isinstance(doc, dict) else None
+    value = reducer.field_value(doc, name)
     return value if isinstance(value, str) and value else None

@@ -4,10 +4,14 @@ Theory of operation
 -------------------
 Three kinds of input change a snapshot, and each has one function here:
 
-* an **event** from the upstream's stream (:func:`apply_event`), interpreted by
-  the profile's rule for its type;
+* an **event** from the upstream's stream (:func:`reduce_event`): the
+  profile lists rules per event type, each with optional conditions (field
+  values, the current status, what the stream has carried); the first rule
+  that holds applies (:func:`choose`, then :func:`apply_event`), and an
+  event no rule takes changes nothing;
 * a **trigger's answer** (:func:`accept_trigger`, :func:`fail_trigger`): the
-  upstream answered the request that starts work (gptme's ``POST .../step``);
+  upstream answered a request that starts or steers work (gptme's
+  ``POST .../step``, ``.../tool/confirm``); its rules match the request body;
 * the **stream's health** (:func:`stream_changed`), reported by the
   subscription that feeds the events, and the loss of evidence
   (:func:`fail`): work that shows no event, or whose stream was lost and
@@ -28,18 +32,22 @@ deterministic and testable in microseconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
 from .profile import EventRule, Trigger
-from .snapshot import ACTIVE, STREAM_STATES, Snapshot
+from .snapshot import ACTIVE, RETRY_KEYS, STREAM_STATES, Snapshot, iso_time
 
 __all__ = [
     "accept_trigger",
     "apply_event",
+    "choose",
     "fail",
     "fail_trigger",
     "learn_session",
+    "reduce_event",
     "stream_changed",
     "trigger_token",
 ]
@@ -55,13 +63,54 @@ def field_value(event: dict[str, Any], path: str) -> Any:
     return value
 
 
+def choose(
+    rules: Sequence[EventRule],
+    snap: Snapshot,
+    fields: dict[str, Any],
+    seen: AbstractSet[str] = frozenset(),
+) -> EventRule | None:
+    """The first rule whose conditions hold, or None: the event changes nothing."""
+    for rule in rules:
+        if rule.when_status is not None and snap.status not in rule.when_status:
+            continue
+        if rule.unless_status is not None and snap.status in rule.unless_status:
+            continue
+        if rule.if_seen is not None and rule.if_seen.isdisjoint(seen):
+            continue
+        if not all(_equals_one(field_value(fields, path), values) for path, values in rule.match):
+            continue
+        return rule
+    return None
+
+
+def _equals_one(value: Any, values: tuple[Any, ...]) -> bool:
+    return any(_same(value, v) for v in values)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b  # TOML's `true` matches JSON's `true`, never 1
+    return bool(a == b)
+
+
+def reduce_event(
+    snap: Snapshot,
+    rules: Sequence[EventRule],
+    event: dict[str, Any],
+    now: float,
+    seen: AbstractSet[str] = frozenset(),
+) -> Snapshot:
+    """Apply the first of an event type's rules that holds; ``snap`` if none."""
+    rule = choose(rules, snap, event, seen)
+    return snap if rule is None else apply_event(snap, rule, event, now)
+
+
 def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: float) -> Snapshot:
-    """Apply one event's rule. Returns ``snap`` itself when nothing changed."""
-    if rule.when_status is not None and snap.status not in rule.when_status:
-        return snap
+    """Apply one rule's effects. Returns ``snap`` itself when nothing changed."""
     status = snap.status
     last_error = snap.last_error
     tools = snap.pending_tools
+    retry = snap.retry
 
     if rule.state is not None:
         status, last_error, tools = _from_state_summary(snap, rule.state, event)
@@ -69,32 +118,65 @@ def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: flo
         last_error = None
     if "pending_tools" in rule.clear:
         tools = ()
+    if "retry" in rule.clear:
+        retry = None
     if rule.status is not None:
         status = rule.status
     if rule.last_error is not None:
         value = field_value(event, rule.last_error)
         last_error = _as_error(value) if value is not None else "unspecified error"
-    if rule.add_pending is not None:
-        tool_id = field_value(event, rule.add_pending)
-        if tool_id is not None:
-            info = {k: v for k, v in event.items() if k != "type"}
-            tools = (*((k, v) for k, v in tools if k != str(tool_id)), (str(tool_id), info))
-    if rule.remove_pending is not None:
-        tool_id = field_value(event, rule.remove_pending)
-        tools = tuple((k, v) for k, v in tools if k != str(tool_id))
+    if rule.retry is not None:
+        retry = _retry(rule.retry, event)
+    tools = _pending(rule, tools, event)
     if tools and status in ("idle", "completed"):
         status = "awaiting_tool"  # a tool still waits, whatever else finished
+    if status not in ACTIVE:
+        retry = None  # a retry belongs to work in flight
 
-    if status == snap.status and last_error == snap.last_error and tools == snap.pending_tools:
+    if (status, last_error, tools, retry) == (
+        snap.status,
+        snap.last_error,
+        snap.pending_tools,
+        snap.retry,
+    ):
         return snap
     return replace(
         snap,
         status=status,
         last_error=last_error,
         pending_tools=tools,
+        retry=retry,
         state_seq=snap.state_seq + 1,
         **snap.touched(now),
     )
+
+
+def _pending(
+    rule: EventRule, tools: tuple[tuple[str, Any], ...], event: dict[str, Any]
+) -> tuple[tuple[str, Any], ...]:
+    if rule.add_pending is not None:
+        tool_id = field_value(event, rule.add_pending)
+        if tool_id is not None:
+            # What is reported is the object that carries the id: gptme's
+            # event itself (less its type), opencode's ``properties``.
+            parent, _, _ = rule.add_pending.rpartition(".")
+            holder = field_value(event, parent) if parent else event
+            info = {k: v for k, v in holder.items() if k != "type" or parent}
+            tools = (*((k, v) for k, v in tools if k != str(tool_id)), (str(tool_id), info))
+    if rule.remove_pending is not None:
+        tool_id = field_value(event, rule.remove_pending)
+        tools = tuple((k, v) for k, v in tools if k != str(tool_id))
+    return tools
+
+
+def _retry(fields: dict[str, str], event: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {name: field_value(event, path) for name, path in fields.items()}
+    due = out.get("next_at")
+    if isinstance(due, int | float) and not isinstance(due, bool):
+        # Epoch seconds or milliseconds (opencode sends ms): ISO 8601, as
+        # every other time the sidecar reports.
+        out["next_at"] = iso_time(due / 1000 if due > 1e11 else due)
+    return {name: out.get(name) for name in RETRY_KEYS}
 
 
 def _from_state_summary(
@@ -140,11 +222,24 @@ def trigger_token(snap: Snapshot) -> int:
     return snap.state_seq
 
 
-def accept_trigger(snap: Snapshot, token: int, trigger: Trigger, now: float) -> Snapshot:
-    """The upstream answered 2xx: work was accepted."""
-    if trigger.on_accept is None or snap.state_seq != token:
-        return snap  # events already told us more than this answer can
-    return apply_event(snap, trigger.on_accept, {}, now)
+def accept_trigger(
+    snap: Snapshot, token: int, trigger: Trigger, body: dict[str, Any], now: float
+) -> Snapshot:
+    """The upstream answered 2xx: the request (its JSON ``body``) was accepted.
+
+    The first of the trigger's ``on_accept`` rules that matches the body
+    applies. If events changed the state since the token was taken, they know
+    more than this answer: only what the body itself names (a pending tool
+    it resolved) is applied, never a status.
+    """
+    rule = choose(trigger.on_accept, snap, body)
+    if rule is None:
+        return snap
+    if snap.state_seq != token:
+        if rule.remove_pending is None:
+            return snap
+        rule = EventRule(remove_pending=rule.remove_pending)
+    return apply_event(snap, rule, body, now)
 
 
 def fail_trigger(snap: Snapshot, token: int, error: str, now: float) -> Snapshot:

@@ -38,6 +38,7 @@ log = logging.getLogger("sidecar.registry")
 
 _SHARED = ""  # the subscription key of a profile's single shared stream
 TRANSITIONS_KEPT = 20
+SERVED_KEPT = 8
 
 
 def _fingerprint(credentials: Mapping[str, str]) -> str:
@@ -50,19 +51,21 @@ class Conversation:
 
     __slots__ = (
         "_changed",
+        "epoch",
         "evidence_timer",
         "id",
         "last_used",
         "last_work_at",
+        "served",
         "snapshot",
         "subscription",
         "timer_kind",
         "transitions",
     )
 
-    def __init__(self, resource_id: str) -> None:
+    def __init__(self, resource_id: str, is_session: bool = False) -> None:
         self.id = resource_id
-        self.snapshot = Snapshot()
+        self.snapshot = Snapshot(session_id=resource_id if is_session else None)
         self.subscription: Subscription | None = None
         self.last_used = time.monotonic()
         #: When an event of the work itself (not a keep-alive) last arrived.
@@ -74,12 +77,33 @@ class Conversation:
         self.transitions: list[dict[str, Any]] = []  # a list: lighter than a deque
         #: Made when someone waits (most conversations never have a waiter).
         self._changed: asyncio.Event | None = None
+        #: Bumped by every change of the snapshot or of the body upstream.
+        self.epoch = 0
+        #: Digests of the merged bodies served in this epoch: the ETags that
+        #: are still current (a few, for bodies that differ by query).
+        self.served: dict[str, None] = {}
+
+    def changed(self) -> None:
+        """A change, of the snapshot or of the body upstream: tags served so
+        far are stale, and whoever waits is woken."""
+        self.epoch += 1
+        self.served.clear()
+        self.wake_waiters()
 
     def wake_waiters(self) -> None:
-        """Wake whoever waits for a change: of the snapshot, or of the body upstream."""
+        """Answer held long-polls now (a change, or the sidecar shutting down)."""
         changed, self._changed = self._changed, None
         if changed is not None:
             changed.set()
+
+    def remember_served(self, digest: str, epoch: int) -> None:
+        """A body was served; its tag is current if nothing changed since
+        ``epoch``, when the body was asked for upstream."""
+        if epoch != self.epoch:
+            return
+        if len(self.served) >= SERVED_KEPT:
+            del self.served[next(iter(self.served))]
+        self.served[digest] = None
 
     def set(self, snapshot: Snapshot) -> None:
         before = self.snapshot
@@ -101,7 +125,7 @@ class Conversation:
             if len(self.transitions) > TRANSITIONS_KEPT:
                 del self.transitions[0]
         self.snapshot = snapshot
-        self.wake_waiters()
+        self.changed()
 
     async def wait_changed(self, timeout: float) -> bool:
         """Wait until the snapshot or the resource's body changes; False on timeout."""
@@ -131,6 +155,7 @@ class Registry:
         #: label set), what was skipped, and reconnections.
         self.events_by_type: Counter[str] = Counter()
         self._known_types = set(profile.events) | set(profile.keepalive_events)
+        self._seen_types = profile.seen_types
         self.malformed_events = 0
         self.oversized_retired = 0
         self.reconnects = 0
@@ -154,6 +179,10 @@ class Registry:
         sub = self._subscriptions.get(key)
         if sub is not None and not sub.finished:
             self._subscriptions.move_to_end(key)
+            if conv.snapshot.stream != sub.stream:
+                # A shared stream that is live already is live for a
+                # resource first seen now, too.
+                conv.set(reducer.stream_changed(conv.snapshot, sub.stream, time.time()))
         else:
             credentials = self._credentials(client_headers)
             if sub is not None:
@@ -192,9 +221,11 @@ class Registry:
     # and then show an event of the work within confirm_timeout (gptme 0.31.0
     # cannot say whether a step still runs; after a restart it does not).
 
-    def accept_trigger(self, conv: Conversation, token: int, trigger: Trigger) -> None:
+    def accept_trigger(
+        self, conv: Conversation, token: int, trigger: Trigger, body: dict[str, Any]
+    ) -> None:
         before = conv.snapshot
-        conv.set(reducer.accept_trigger(before, token, trigger, time.time()))
+        conv.set(reducer.accept_trigger(before, token, trigger, body, time.time()))
         if conv.snapshot is not before and reducer.is_active(conv.snapshot):
             wait = self.settings.start_timeout
             self._arm(
@@ -254,7 +285,8 @@ class Registry:
     def _remember(self, resource_id: str) -> Conversation:
         conv = self._conversations.get(resource_id)
         if conv is None:
-            conv = self._conversations[resource_id] = Conversation(resource_id)
+            conv = Conversation(resource_id, self.profile.id_is_session)
+            self._conversations[resource_id] = conv
             self._evict_snapshots()
         else:
             self._conversations.move_to_end(resource_id)
@@ -289,6 +321,7 @@ class Registry:
             on_stream=self._on_stream,
             stale_after=self.stale_after,
             connect_timeout=self.settings.connect_timeout,
+            head_timeout=self.settings.stream_head_timeout,
             backoff=Backoff(self.settings.reconnect_min, self.settings.reconnect_max),
             max_event_bytes=self.settings.max_event_bytes,
         )
@@ -341,7 +374,9 @@ class Registry:
                 self.malformed_events += 1
                 return
         self.events_by_type[event_type if event_type in self._known_types else "other"] += 1
-        rule = profile.events.get(event_type)
+        if event_type in self._seen_types:
+            sub.seen.add(event_type)
+        rules = profile.events.get(event_type)
         if sub.key == _SHARED:
             assert profile.id_field is not None
             resource_id = reducer.field_value(data, profile.id_field)
@@ -357,12 +392,12 @@ class Registry:
                 return
             conv = found
         self._work_seen(conv, event_type)
-        if rule is not None:
-            conv.set(reducer.apply_event(conv.snapshot, rule, data, time.time()))
+        if rules is not None:
+            conv.set(reducer.reduce_event(conv.snapshot, rules, data, time.time(), sub.seen))
 
     def _work_seen(self, conv: Conversation, event_type: str) -> None:
         if event_type in self.profile.content_events:
-            conv.wake_waiters()
+            conv.changed()
         if event_type not in self.profile.keepalive_events:
             conv.last_work_at = time.monotonic()
             if conv.evidence_timer is not None:

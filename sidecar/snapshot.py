@@ -22,6 +22,11 @@ failed         the last piece of work failed; ``last_error`` says why
 interrupted    the work was stopped on request
 ============== =============================================================
 
+``retry`` is set while the upstream retries a failed model call (opencode's
+``session.status`` ``retry``): ``attempt``, ``message`` and ``next_at`` (when
+the next attempt is due). Work goes on meanwhile, so ``generating`` stays
+true; it is cleared when the work ends.
+
 ``stream`` is the health of the sidecar's own subscription: ``connecting``
 (never live yet), ``live``, ``reconnecting`` (lost, trying again) or ``lost``
 (given up: the upstream refused the stream).
@@ -41,10 +46,12 @@ import orjson
 __all__ = [
     "ACTIVE",
     "CLEARABLE",
+    "RETRY_KEYS",
     "STATE_KEYS",
     "STATUSES",
     "STREAM_STATES",
     "Snapshot",
+    "iso_time",
 ]
 
 STATUSES = (
@@ -63,9 +70,11 @@ STATUSES = (
 ACTIVE = frozenset({"starting", "generating", "running_tool"})
 STREAM_STATES = ("connecting", "live", "reconnecting", "lost")
 #: Fields a rule may reset with ``clear``.
-CLEARABLE = ("last_error", "pending_tools")
+CLEARABLE = ("last_error", "pending_tools", "retry")
 #: Fields a ``state`` summary (gptme's ``connected`` event) may carry.
 STATE_KEYS = ("generating", "last_error", "pending_tools")
+#: The fields of ``retry``, each read from an event field by a rule.
+RETRY_KEYS = ("attempt", "message", "next_at")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class Snapshot:
     pending_tools: tuple[tuple[str, Any], ...] = ()
     #: The client's session id, as reported when the upstream has no field.
     session_id: str | None = None
+    #: While the upstream retries: attempt, message, next_at (ISO 8601).
+    retry: dict[str, Any] | None = None
     stream: str = "connecting"
     #: Wall-clock time of the last change, seconds since the epoch.
     updated_at: float | None = None
@@ -99,7 +110,8 @@ class Snapshot:
             "last_error": self.last_error,
             "status": self.status,
             "pending_tools": [tool for _, tool in self.pending_tools],
-            "updated_at": _iso(self.updated_at),
+            "retry": self.retry,
+            "updated_at": iso_time(self.updated_at),
             "stream": self.stream,
         }
 
@@ -137,7 +149,8 @@ class Snapshot:
         }
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_time(ts: float | None) -> str | None:
+    """Seconds since the epoch as ISO 8601 UTC with milliseconds, or None."""
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -11,7 +11,8 @@ Lifecycle (``Subscription.stream`` mirrors it into snapshots)::
   ``connected`` at once), not when headers arrive: only then is it certain the
   upstream has registered the subscriber.
 * Silence longer than ``stale_after`` (three heartbeats by default) is a dead
-  or half-open connection: the read times out and the stream reconnects.
+  or half-open connection: the read times out and the stream reconnects. The
+  response head must come sooner, within ``stream_head_timeout``.
 * Reconnects back off exponentially with full jitter, capped; a ``retry:``
   field from the upstream raises the floor; ``Last-Event-ID`` is sent when the
   upstream gave ids (gptme does not, so a reconnect starts fresh).
@@ -86,6 +87,7 @@ class Subscription:
         on_stream: Callable[[Subscription, str], None],
         stale_after: float,
         connect_timeout: float,
+        head_timeout: float,
         backoff: Backoff,
         max_event_bytes: int,
     ) -> None:
@@ -97,11 +99,15 @@ class Subscription:
         self._on_stream = on_stream
         self._stale_after = stale_after
         self._connect_timeout = connect_timeout
+        self._head_timeout = min(head_timeout, stale_after)
         self._backoff = backoff
         self.decoder = EventDecoder(max_event_bytes)
         self.stream = "connecting"
         self.connects = 0
         self.events = 0
+        #: Event types (of those the profile asks about) the current
+        #: connection has carried; a new connection starts empty.
+        self.seen: set[str] = set()
         self.last_failure: str | None = None
         #: Set by the registry: which credentials this subscription used.
         self.fingerprint = ""
@@ -166,7 +172,7 @@ class Subscription:
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, NotAStream, TimeoutError, OSError, ValueError) as exc:
-                self.last_failure = _describe(exc, self._stale_after)
+                self.last_failure = _describe(exc, self._stale_after, self._head_timeout)
             if self.stream == "live":
                 self._backoff.reset()
             self._set_stream("reconnecting" if self.connects else "connecting")
@@ -193,6 +199,7 @@ class Subscription:
                 raise NotAStream(f"expected text/event-stream, got {resp.content_type}")
             self.connects += 1
             self.decoder.reset()  # a partial event of the last connection is gone
+            self.seen.clear()
             async for chunk in resp.content.iter_any():
                 for event in self.decoder.feed(chunk):
                     if self.stream != "live":
@@ -203,8 +210,13 @@ class Subscription:
             resp.close()
 
     async def _get(self, headers: dict[str, str]) -> UpstreamResponse:
-        """The stream's response, once its head is in; silence beyond
-        ``stale_after``, the wait for the head included, is a timeout."""
+        """The stream's response, once its head is in.
+
+        The head must come within ``head_timeout``: a server that accepts
+        connections before it can answer them (opencode does for its first
+        moments) must not leave the sidecar blind for long. After the head,
+        silence beyond ``stale_after`` is a timeout.
+        """
         url = self.url
         if url.scheme == "http":
             # The lean client: half the memory per idle stream of aiohttp's.
@@ -216,14 +228,22 @@ class Subscription:
                 headers,
                 self._connect_timeout,
                 self._stale_after,
+                self._head_timeout,
             )
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._connect_timeout, sock_read=self._stale_after
         )
-        return await self._session.get(url, headers=headers, timeout=timeout, allow_redirects=False)
+        async with asyncio.timeout(self._connect_timeout + self._head_timeout):
+            return await self._session.get(
+                url, headers=headers, timeout=timeout, allow_redirects=False
+            )
 
 
-def _describe(exc: BaseException, stale_after: float) -> str:
+def _describe(exc: BaseException, stale_after: float, head_timeout: float) -> str:
+    if isinstance(exc, aiohttp.ServerTimeoutError) and str(exc).startswith("no response headers"):
+        return f"no response headers from the upstream within {head_timeout:g} s"
+    if isinstance(exc, aiohttp.ServerTimeoutError) and str(exc).startswith("connecting"):
+        return str(exc)
     if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
         return f"no bytes from the upstream for {stale_after:g} s"
     if isinstance(exc, NotAStream):

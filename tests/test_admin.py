@@ -10,6 +10,8 @@ import aiohttp
 from sidecar.app import create_admin_app
 from sidecar.fake import FakeGptme, Outcome
 
+from .conftest import eventually
+
 
 async def test_healthz_never_depends_on_the_upstream(start_sidecar, http) -> None:
     sc = await start_sidecar("http://127.0.0.1:9")  # nothing listens there
@@ -219,3 +221,24 @@ async def test_long_polls_held_at_shutdown_are_answered_at_once(gptme) -> None:
         assert resp.headers["Connection"] == "close"  # the next poll goes elsewhere
         resp.release()
         assert loop.time() - started < 2
+
+
+async def test_a_tag_made_stale_by_new_content_is_answered_at_once(gptme, http) -> None:
+    # 0.31.0 sends no ETag: the sidecar's tag must still cover the log it served.
+    g = await gptme("0.31.0")
+    await g.create("c1")
+    url, etag = await g.live_etag("c1")
+    conv = g.sidecar.registry.get("c1")
+    epoch = conv.epoch
+    direct = g.url("/api/v2/conversations/c1", direct=True)
+    async with http.post(direct, json={"role": "user", "content": "more"}):
+        pass  # straight to the upstream: the sidecar learns of it from the event only
+    await eventually(lambda: conv.epoch != epoch)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=10"}) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+        assert resp.headers["ETag"] != etag
+    assert body["log"][-1]["content"] == "more"
+    assert loop.time() - started < 5  # not held for the 10 s wait

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 
 import brotli
 import orjson
@@ -99,20 +100,54 @@ def test_merge_output_is_json_with_upstream_keys_intact(doc: dict) -> None:
 # ------------------------------------------------------------------ ETags
 
 
-def test_etag_roundtrip_forwards_the_upstream_tag_while_snapshot_unchanged() -> None:
-    tag = merge.merged_etag('W/"abc"', FAILED)
-    assert tag == f'W/"abc;sc={FAILED.digest}"'
-    assert merge.translate_if_none_match(tag, FAILED) == 'W/"abc"'
+def test_etag_roundtrip_forwards_the_upstream_tag_while_current() -> None:
+    digest = merge.body_digest('W/"abc"', FAILED, b"{}")
+    tag = merge.merged_etag('W/"abc"', digest)
+    assert tag == f'W/"abc;sc={FAILED.digest}"'  # the upstream's tag covers its body
+    assert merge.translate_if_none_match(tag, {digest}) == 'W/"abc"'
 
 
-def test_etag_of_a_changed_snapshot_is_dropped() -> None:
-    tag = merge.merged_etag('"abc"', Snapshot())
-    assert merge.translate_if_none_match(tag, FAILED) is None
+def test_etag_that_is_no_longer_current_is_dropped() -> None:
+    tag = merge.merged_etag('"abc"', Snapshot().digest)
+    assert merge.translate_if_none_match(tag, {FAILED.digest}) is None
 
 
 def test_foreign_tags_and_star_pass() -> None:
-    assert merge.translate_if_none_match('"x", W/"y"', FAILED) == '"x", W/"y"'
-    assert merge.translate_if_none_match("*", FAILED) == "*"
+    assert merge.translate_if_none_match('"x", W/"y"', set()) == '"x", W/"y"'
+    assert merge.translate_if_none_match("*", set()) == "*"
+
+
+def test_without_an_upstream_tag_the_digest_covers_the_upstream_body() -> None:
+    before = merge.body_digest(None, FAILED, b'{"log": [1]}')
+    after = merge.body_digest(None, FAILED, b'{"log": [1, 2]}')
+    assert before != after  # the log grew, the snapshot did not: another tag
+    assert merge.body_digest(None, FAILED, b'{"log": [1]}') == before
+
+
+def _parse_time(value: str) -> float:
+    started = time.perf_counter()
+    for _ in range(5):
+        merge.parse_etags(value)
+        merge.etag_digests(value)
+    return time.perf_counter() - started
+
+
+def test_etag_lists_parse_in_linear_time() -> None:
+    size = 64 * 1024
+    benign = ('W/"abc;sc=0123", ' * size)[:size]
+    for hostile in (
+        "a" + " " * size + "x",
+        'W/"' + "x;sc=" * (size // 5) + '"',
+        ", " * (size // 2),
+    ):
+        # Against a list of well-formed tags of the same length, in the same
+        # run: a backtracking parser took thousands of times longer.
+        assert _parse_time(hostile) < 20 * _parse_time(benign) + 0.01
+    assert merge.parse_etags('W/"a", "b,c" , junk, W/"d"') == [
+        (True, '"a"'),
+        (False, '"b,c"'),
+        (True, '"d"'),
+    ]
 
 
 # -------------------------------------------------------------- codings
@@ -138,7 +173,7 @@ def test_unknown_coding_is_not_supported() -> None:
 
 
 def test_without_an_upstream_tag_the_merged_tag_never_reaches_the_upstream() -> None:
-    tag = merge.merged_etag(None, FAILED)
+    tag = merge.merged_etag(None, FAILED.digest)
     assert tag == f'W/";sc={FAILED.digest}"'
-    assert merge.translate_if_none_match(tag, FAILED) is None
+    assert merge.translate_if_none_match(tag, {FAILED.digest}) is None
     assert merge.etag_digests(tag) == {FAILED.digest}
