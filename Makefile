@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint types unit browser bench soak clean
+.PHONY: demo test lint types unit browser upstreams bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	    >/dev/null 2>&1 || echo "warning: could not install chromium; its test will be skipped"; }
 
-unit: $(STAMP) browser
+# The conformance suite runs against the released servers, installed once
+# into .cache/upstreams (gptme-server 0.31.0 and 0.35.1 from PyPI, opencode
+# 1.18.33 from npm). A failed install stops here, naming the server.
+upstreams: $(STAMP)
+	$(BIN)/python -m tests.real.servers install
+
+unit: $(STAMP) browser upstreams
 	$(BIN)/python -m pytest -q
 
 test: lint types unit
@@ -46,4 +52,4 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

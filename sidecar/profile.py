@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,15 @@ class PathTemplate:
         return self.template.replace("{id}", quote(resource_id, safe=""))
 
 
+def _field(event: dict[str, Any], path: str) -> Any:
+    value: Any = event
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
 def valid_id(resource_id: str, pattern: re.Pattern[str]) -> bool:
     return resource_id not in (".", "..") and pattern.fullmatch(resource_id) is not None
 
@@ -123,6 +133,9 @@ class EventRule:
     unless_status: frozenset[str] | None = None
     #: apply only once the stream's current connection carried one of these
     if_seen: frozenset[str] | None = None
+    #: (triggers only) statuses that events reached after the request was
+    #: sent which this answer still overrides: they were its own effect
+    supersedes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -156,12 +169,26 @@ class Profile:
     def shared_stream(self) -> bool:
         return not self.stream.has_id
 
-    @property
-    def seen_types(self) -> frozenset[str]:
-        """Event types some rule's ``if_seen`` asks about (the only ones tracked)."""
-        return frozenset(
-            t for rules in self.events.values() for r in rules for t in (r.if_seen or ())
-        )
+    @cached_property
+    def _seen_watch(self) -> dict[str, tuple[tuple[str, str | None], ...]]:
+        """Per event type, the ``if_seen`` tokens it can satisfy: ``TYPE``, or
+        ``TYPE:FIELD`` (an event of that type that has that field)."""
+        watch: dict[str, list[tuple[str, str | None]]] = {}
+        for rules in self.events.values():
+            for rule in rules:
+                for token in rule.if_seen or ():
+                    event_type, _, path = token.partition(":")
+                    entry = (token, path or None)
+                    if entry not in watch.setdefault(event_type, []):
+                        watch[event_type].append(entry)
+        return {k: tuple(v) for k, v in watch.items()}
+
+    def seen_tokens(self, event_type: str, event: dict[str, Any]) -> list[str]:
+        """What this event lets ``if_seen`` conditions see from now on."""
+        watch = self._seen_watch.get(event_type)
+        if not watch:
+            return []
+        return [t for t, path in watch if path is None or _field(event, path) is not None]
 
     def match_trigger(self, method: str, raw_path: str) -> tuple[Trigger, str] | None:
         for trigger in self.triggers:
@@ -399,6 +426,7 @@ def _rule(raw: Any, where: str) -> EventRule:
         when_status=_statuses(r, "when_status", where),
         unless_status=_statuses(r, "unless_status", where),
         if_seen=frozenset(seen) if seen is not None else None,
+        supersedes=_statuses(r, "supersedes", where) or frozenset(),
     )
     r.done()
     return rule

@@ -77,10 +77,14 @@ def choose(
             continue
         if rule.if_seen is not None and rule.if_seen.isdisjoint(seen):
             continue
-        if not all(_equals_one(field_value(fields, path), values) for path, values in rule.match):
+        if not _matches(rule, fields):
             continue
         return rule
     return None
+
+
+def _matches(rule: EventRule, fields: dict[str, Any]) -> bool:
+    return all(_equals_one(field_value(fields, path), values) for path, values in rule.match)
 
 
 def _equals_one(value: Any, values: tuple[Any, ...]) -> bool:
@@ -232,10 +236,15 @@ def accept_trigger(
     more than this answer: only what the body itself names (a pending tool
     it resolved) is applied, never a status.
     """
+    stale = snap.state_seq != token
+    if stale:
+        for own in trigger.on_accept:
+            if snap.status in own.supersedes and _matches(own, body):
+                return apply_event(snap, own, body, now)
     rule = choose(trigger.on_accept, snap, body)
     if rule is None:
         return snap
-    if snap.state_seq != token:
+    if stale:
         if rule.remove_pending is None:
             return snap
         rule = EventRule(remove_pending=rule.remove_pending)

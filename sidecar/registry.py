@@ -155,7 +155,6 @@ class Registry:
         #: label set), what was skipped, and reconnections.
         self.events_by_type: Counter[str] = Counter()
         self._known_types = set(profile.events) | set(profile.keepalive_events)
-        self._seen_types = profile.seen_types
         self.malformed_events = 0
         self.oversized_retired = 0
         self.reconnects = 0
@@ -374,8 +373,7 @@ class Registry:
                 self.malformed_events += 1
                 return
         self.events_by_type[event_type if event_type in self._known_types else "other"] += 1
-        if event_type in self._seen_types:
-            sub.seen.add(event_type)
+        sub.seen.update(profile.seen_tokens(event_type, data))
         rules = profile.events.get(event_type)
         if sub.key == _SHARED:
             assert profile.id_field is not None

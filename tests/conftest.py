@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -16,6 +16,8 @@ from sidecar.config import Settings
 from sidecar.fake import FakeGptme
 from sidecar.registry import Registry
 from sidecar.server import Server
+
+from .real import servers
 
 Start = Callable[..., Awaitable[TestServer]]
 
@@ -175,3 +177,36 @@ def gptme(
         return Gptme(fake, server, sidecar, http)
 
     return start
+
+
+# ------------------------------------------------- the real upstream servers
+# Started once per test session (each takes a second or two), in processes
+# of their own; each test uses conversations of its own. See tests/real/.
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Iterator[servers.Process]:
+    process = servers.start_model()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def real_gptme_0_31_0(real_model: servers.Process) -> Iterator[servers.Process]:
+    process = servers.start_gptme("0.31.0", real_model.url)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def real_gptme_0_35_1(real_model: servers.Process) -> Iterator[servers.Process]:
+    process = servers.start_gptme("0.35.1", real_model.url)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def real_opencode(real_model: servers.Process) -> Iterator[servers.Process]:
+    process = servers.start_opencode(real_model.url)
+    yield process
+    process.stop()

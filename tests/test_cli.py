@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import aiohttp
@@ -167,6 +168,14 @@ def test_a_profile_rule_naming_an_unknown_field_stops_start_up(tmp_path: Path) -
             good.replace('type_field = "type"', 'type_feild = "type"'),
             "stream.type_feild: unknown key",
         ),
+        "condition": (
+            good.replace('unless_status = ["interrupted"]', 'unless_state = ["interrupted"]'),
+            "events.generation_progress.unless_state: unknown key",
+        ),
+        "match": (
+            good.replace("match = { auto_confirm = true }", "match = { auto_confirm = {} }"),
+            "events.tool_pending[0].match.auto_confirm: expected a value or a list of values",
+        ),
     }
     for name, (text, message) in cases.items():
         profile = tmp_path / f"{name}.toml"
@@ -175,3 +184,51 @@ def test_a_profile_rule_naming_an_unknown_field_stops_start_up(tmp_path: Path) -
         assert result.returncode == 2, name
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_an_unknown_profile_name_lists_the_built_in_ones(tmp_path: Path) -> None:
+    result = run("--upstream", "http://127.0.0.1:1", "--profile", "opencod")
+    assert result.returncode == 2
+    assert "built-in: gptme, opencode" in result.stderr
+
+
+def test_the_wheel_carries_both_profiles(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    assert {"sidecar/profiles/gptme.toml", "sidecar/profiles/opencode.toml"} <= names
+    # Loaded from the installed package, from a directory with no checkout.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from sidecar.profile import load_profile as p; "
+            "print(p('opencode').source, p('opencode').id_is_session)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert loaded.stdout.split() == ["<builtin", "opencode>", "True"], loaded.stderr

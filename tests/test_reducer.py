@@ -28,8 +28,7 @@ def feed(profile: Profile, snap: Snapshot, *events: dict, seen: set[str] | None 
     """Events in order, as one connection of a stream carries them (the registry's way)."""
     seen = set() if seen is None else seen
     for event in events:
-        if event["type"] in profile.seen_types:
-            seen.add(event["type"])
+        seen.update(profile.seen_tokens(event["type"], event))
         rules = profile.events.get(event["type"])
         if rules is not None:
             snap = reducer.reduce_event(snap, rules, event, T, seen)
@@ -429,3 +428,48 @@ def test_a_match_on_true_does_not_take_one() -> None:
     rule = EventRule(status="failed", match=(("flag", (True,)),))
     assert reducer.choose((rule,), Snapshot(), {"flag": 1}) is None
     assert reducer.choose((rule,), Snapshot(), {"flag": True}) is rule
+
+
+def abort(profile: Profile):
+    return profile.match_trigger("POST", "/session/ses_" + "a" * 26 + "/abort")[0]
+
+
+def test_opencode_abort_during_a_retry_ends_interrupted(opencode: Profile) -> None:
+    retry = {"type": "retry", "attempt": 1, "message": "Rate limit", "next": 1}
+    snap = feed(opencode, Snapshot(), BUSY, oc("session.status", status=retry))
+    token = reducer.trigger_token(snap)
+    snap = feed(opencode, snap, *IDLE)  # no MessageAbortedError: a plain idle, then the answer
+    assert snap.status == "completed"
+    snap = reducer.accept_trigger(snap, token, abort(opencode), {}, T)
+    assert (snap.status, snap.retry) == ("interrupted", None)
+
+
+def test_opencode_abort_of_finished_work_changes_nothing(opencode: Profile) -> None:
+    snap = feed(opencode, Snapshot(), BUSY, *IDLE)
+    token = reducer.trigger_token(snap)
+    assert reducer.accept_trigger(snap, token, abort(opencode), {}, T) is snap
+
+
+def test_0_35_1_is_known_from_its_connected_event(gptme: Profile) -> None:
+    # Its first step on a new connection: no step_complete seen yet, but only
+    # 0.35.1's connected event carries `generating`.
+    seen: set[str] = set()
+    snap = feed(
+        gptme,
+        Snapshot(),
+        CONNECTED_IDLE,
+        {"type": "generation_started"},
+        {"type": "generation_complete"},
+        seen=seen,
+    )
+    assert snap.status == "generating"
+    assert feed(gptme, snap, {"type": "step_complete"}, seen=seen).status == "completed"
+    # 0.31.0's connected has no state: its answer ends the step.
+    snap = feed(
+        gptme,
+        Snapshot(),
+        {"type": "connected", "session_id": "s"},
+        {"type": "generation_started"},
+        {"type": "generation_complete"},
+    )
+    assert snap.status == "completed"

@@ -65,3 +65,48 @@ def test_backoff_is_capped_jittered_and_resets() -> None:
     backoff.reset()
     assert backoff.next_delay() <= 0.5
     assert backoff.next_delay(floor=3.0) >= 3.0
+
+
+async def test_a_stream_whose_headers_never_come_is_tried_again_soon(
+    serve, start_sidecar, http
+) -> None:
+    # opencode, for its first moments, accepts connections and never answers
+    # them. The first stream request lands there; the sidecar must not wait
+    # for it as long as a silent stream (stale_after, here 30 s).
+    answered = IdUpstream()
+    server = await serve(answered.app)
+    target = server.port
+    held: list[asyncio.StreamWriter] = []
+
+    async def mute_then_forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        if not held:
+            held.append(writer)  # accepted, never answered
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    front = await asyncio.start_server(mute_then_forward, "127.0.0.1", 0)
+    port = front.sockets[0].getsockname()[1]
+    try:
+        sc = await start_sidecar(
+            f"http://127.0.0.1:{port}", stale_after=30.0, stream_head_timeout=0.3
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with http.get(sc.url + "/api/v2/conversations/c1") as resp:
+            assert resp.status == 200
+        await eventually(lambda: sc.snapshot("c1").stream == "live", timeout=5)
+        assert loop.time() - started < 3  # the head timeout, then a retry that answered
+        assert len(held) == 1 and answered.last_event_ids
+    finally:
+        for writer in held:
+            writer.close()
+        front.close()
+        await front.wait_closed()

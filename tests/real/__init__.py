@@ -1,0 +1,1 @@
+"""The real upstream servers (pinned releases) and the fake model behind them."""

@@ -1,0 +1,183 @@
+"""What the conformance tests share: a witness on the upstream's own stream,
+and a poller that reads the sidecar's snapshot as a REST client does.
+
+A failed wait names what the poller saw, the sidecar's transitions and the
+events the upstream really sent, side by side, so a wrong state explains
+itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from sidecar.sse import EventDecoder
+
+__all__ = ["Poller", "Witness"]
+
+
+class Witness:
+    """Reads an upstream event stream directly and keeps every event, timed."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        url: str,
+        headers: dict[str, str],
+        keep: Callable[[dict[str, Any]], bool] = lambda event: True,
+    ) -> None:
+        self.http = http
+        self.url = url
+        self.headers = headers
+        self.keep = keep
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.started = time.monotonic()
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Witness:
+        self._task = asyncio.create_task(self._read())
+        await asyncio.wait_for(self._connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await self._task
+
+    async def _read(self) -> None:
+        decoder = EventDecoder(16 * 1024 * 1024)
+        headers = {"Accept": "text/event-stream", **self.headers}
+        async with self.http.get(self.url, headers=headers, timeout=None) as resp:
+            assert resp.status == 200, f"witness: {self.url} answered {resp.status}"
+            async for chunk in resp.content.iter_any():
+                for event in decoder.feed(chunk):
+                    self._connected.set()
+                    try:
+                        data = orjson.loads(event.data)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(data, dict) and self.keep(data):
+                        self.events.append((time.monotonic(), data))
+
+    def types(self) -> list[str]:
+        return [_type(e) for _, e in self.events]
+
+    def when(self, event_type: str) -> float | None:
+        for at, event in self.events:
+            if _type(event) == event_type:
+                return at
+        return None
+
+    async def wait_for(self, event_type: str, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, event in self.events:
+                if _type(event) == event_type:
+                    return event
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the upstream sent no {event_type!r}:\n{self.text()}")
+
+    def text(self) -> str:
+        lines = []
+        for at, event in self.events:
+            kind = _type(event)
+            if kind in ("generation_progress", "message.part.delta", "ping"):
+                continue  # tokens and pings: one line would hide the rest
+            body = orjson.dumps(event).decode()
+            lines.append(f"  +{at - self.started:6.2f}s {kind}: {body[:160]}")
+        return "\n".join(lines) or "  (no events)"
+
+
+def _type(event: dict[str, Any]) -> str:
+    return str(event.get("type"))
+
+
+class Poller:
+    """A REST client polling the sidecar, as the sidecar's users do."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        url: Callable[[str], str],
+        key: str,
+        headers: dict[str, str],
+        sidecar: Any,
+    ) -> None:
+        self.http = http
+        self.url = url
+        self.key = key
+        self.headers = headers
+        self.sidecar = sidecar
+        self.seen: list[str] = []  # every status a poll returned, in order
+        self.upstream_errors = 0
+
+    async def body(self, resource_id: str) -> dict[str, Any]:
+        for _ in range(10):
+            async with self.http.get(self.url(resource_id), headers=self.headers) as resp:
+                text = await resp.text()
+            if resp.status >= 500 and '"source":"sidecar"' not in text:
+                # gptme 0.31.0 answers some concurrent GETs with an HTML 500
+                # (its requests race on a workspace symlink): passed through
+                # as it came, and a poller asks again, as a real one would.
+                self.upstream_errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            break
+        assert resp.status == 200, f"GET {self.url(resource_id)}: {resp.status} {text}"
+        return dict(orjson.loads(text))
+
+    async def state(self, resource_id: str) -> dict[str, Any]:
+        state = dict((await self.body(resource_id))[self.key])
+        if not self.seen or self.seen[-1] != state["status"]:
+            self.seen.append(state["status"])
+        return state
+
+    async def wait(
+        self,
+        resource_id: str,
+        check: Callable[[dict[str, Any]], bool] | str,
+        witness: Witness | None = None,
+        timeout: float = 20.0,
+    ) -> dict[str, Any]:
+        """Poll every 20 ms until ``check`` holds (a status, or a predicate)."""
+        test = (lambda s: s["status"] == check) if isinstance(check, str) else check
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = await self.state(resource_id)
+            if test(state):
+                return state
+            await asyncio.sleep(0.02)
+        raise AssertionError(
+            self.explain(resource_id, f"waited {timeout:g} s for {check}", state, witness)
+        )
+
+    def explain(
+        self,
+        resource_id: str,
+        what: str,
+        state: dict[str, Any],
+        witness: Witness | None,
+    ) -> str:
+        conv = self.sidecar.registry.get(resource_id)
+        transitions = conv.transitions if conv is not None else []
+        lines = [
+            f"{what}; the last poll read {orjson.dumps(state).decode()}",
+            f"statuses polls returned: {self.seen}",
+            "the sidecar's transitions:",
+            *(
+                f"  {t['at']} {t['status']} stream={t['stream']} {t['last_error'] or ''}"
+                for t in transitions
+            ),
+            "what the upstream sent (read directly):",
+            witness.text() if witness is not None else "  (not watched)",
+        ]
+        return "\n".join(lines)
