@@ -630,6 +630,7 @@ class FakeOpencode:
         except asyncio.CancelledError:
             aborted = {"name": "MessageAbortedError", "data": {"message": "Aborted"}}
             self.broadcast("session.error", sessionID=sid, error=aborted)
+            self._idle(sid)  # opencode ends a failed run twice, as below
         finally:
             self.busy.pop(sid, None)
             self._idle(sid)

@@ -1,0 +1,175 @@
+"""The fakes are kept honest: the same scenario, run against a fake and against
+the released server, must produce the same sequence of the events that change
+state (the event types the profile has rules for; tokens excluded).
+
+A fake that drifts from the real server fails here, not silently in every
+fast test that trusts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.fake import FakeGptme, FakeOpencode, Outcome
+from sidecar.profile import load_profile
+
+from .real import servers
+from .real.harness import Witness
+
+_ids = itertools.count(1)
+GPTME_TYPES = set(load_profile("gptme").events) - {"generation_progress"}
+OPENCODE_TYPES = set(load_profile("opencode").events)
+
+#: scenario: (what the fake model is told, the fake's outcome, the client's actions)
+GPTME_SCENARIOS: dict[str, tuple[str, Outcome, tuple[str, ...]]] = {
+    "failure": ("401", Outcome(kind="error"), ()),
+    "success": ("ok", Outcome(tokens=3), ()),
+    "tool confirmed": ("tool", Outcome(kind="tool", tokens=3), ("confirm",)),
+    "tool skipped": ("tool", Outcome(kind="tool", tokens=3), ("skip",)),
+    "interrupted": ("slow", Outcome(tokens=400, pace=0.02), ("interrupt",)),
+}
+
+
+def squeezed(types: list[str], keep: set[str]) -> list[str]:
+    """The state-changing event types, a run of one type counted once."""
+    out: list[str] = []
+    for t in types:
+        if t in keep and (not out or out[-1] != t):
+            out.append(t)
+    return out
+
+
+async def run_gptme(
+    http: aiohttp.ClientSession,
+    base: str,
+    headers: dict[str, str],
+    scenario: str,
+    actions: tuple[str, ...],
+) -> list[str]:
+    cid = f"honest-{next(_ids)}-{int(time.time() * 1000) % 100000}"
+    body = {
+        "prompt": "p",
+        "config": {"chat": {"model": "local/fake"}},
+        "messages": [{"role": "user", "content": f"please scenario:{scenario} ({cid})"}],
+    }
+    url = f"{base}/api/v2/conversations/{cid}"
+    async with http.put(url, json=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        sid = (await resp.json())["session_id"]
+    async with Witness(http, url + "/events", headers) as witness:
+        async with http.post(url + "/step", json={"session_id": sid}, headers=headers):
+            pass
+        for action in actions:
+            if action == "interrupt":
+                await witness.wait_for("generation_progress")
+                await http.post(url + "/interrupt", json={"session_id": sid}, headers=headers)
+            else:
+                pending = await witness.wait_for("tool_pending")
+                confirm = {"session_id": sid, "tool_id": pending["tool_id"], "action": action}
+                await http.post(url + "/tool/confirm", json=confirm, headers=headers)
+        if actions and actions[0] != "interrupt":
+            # The tool (or the note that it was skipped) is answered again.
+            for _ in range(400):
+                if witness.types().count("generation_complete") >= 2:
+                    break
+                await asyncio.sleep(0.05)
+        await _quiet(witness)
+    return witness.types()
+
+
+async def _quiet(witness: Witness, for_seconds: float = 1.0, at_most: float = 20.0) -> None:
+    """Wait until no event (pings aside) came for a while: the scenario is over."""
+    deadline = time.monotonic() + at_most
+    while time.monotonic() < deadline:
+        last = max(
+            (at for at, e in witness.events if e.get("type") not in ("ping", "server.heartbeat")),
+            default=0.0,
+        )
+        if time.monotonic() - last >= for_seconds:
+            return
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("version", servers.GPTME_VERSIONS)
+@pytest.mark.parametrize("name", list(GPTME_SCENARIOS))
+async def test_fake_gptme_sends_what_the_real_one_sends(
+    version: str, name: str, request: pytest.FixtureRequest, serve: Any, http: aiohttp.ClientSession
+) -> None:
+    scenario, outcome, actions = GPTME_SCENARIOS[name]
+    real = request.getfixturevalue("real_gptme_" + version.replace(".", "_"))
+    if real.proc is None or real.proc.poll() is not None:
+        real.start()
+    fake = FakeGptme(version, outcome=outcome, token=servers.GPTME_TOKEN)
+    fake_url = str((await serve(fake.app)).make_url("")).rstrip("/")
+    auth = {"Authorization": f"Bearer {servers.GPTME_TOKEN}"}
+    got_real, got_fake = await asyncio.gather(
+        run_gptme(http, real.url, dict(real.headers), scenario, actions),
+        run_gptme(http, fake_url, auth, scenario, actions),
+    )
+    assert squeezed(got_fake, GPTME_TYPES) == squeezed(got_real, GPTME_TYPES), (
+        f"real {version}: {got_real}\nfake: {got_fake}"
+    )
+
+
+OPENCODE_SCENARIOS: dict[str, tuple[str, Outcome, tuple[str, ...]]] = {
+    "failure": ("401", Outcome(kind="error"), ()),
+    "success": ("ok", Outcome(tokens=3), ()),
+    "permission given": ("tool", Outcome(kind="tool", tokens=1), ("once",)),
+    "permission refused": ("tool", Outcome(kind="tool", tokens=1), ("reject",)),
+    "aborted": ("slow", Outcome(tokens=400, pace=0.02), ("abort",)),
+}
+
+
+async def run_opencode(
+    http: aiohttp.ClientSession, base: str, scenario: str, actions: tuple[str, ...]
+) -> list[str]:
+    async with http.post(base + "/session", json={}) as resp:
+        sid = (await resp.json())["id"]
+
+    def mine(event: dict[str, Any]) -> bool:
+        return (event.get("properties") or {}).get("sessionID") == sid
+
+    async with Witness(http, base + "/event", {}, keep=mine) as witness:
+        parts = [{"type": "text", "text": f"please scenario:{scenario} ({sid})"}]
+        async with http.post(f"{base}/session/{sid}/prompt_async", json={"parts": parts}):
+            pass
+        for action in actions:
+            if action == "abort":
+                await witness.wait_for("session.status")
+                await asyncio.sleep(0.5)
+                await http.post(f"{base}/session/{sid}/abort")
+            else:
+                asked = await witness.wait_for("permission.asked")
+                pid = asked["properties"]["id"]
+                await http.post(f"{base}/permission/{pid}/reply", json={"reply": action})
+        await witness.wait_for("session.idle")
+        await _quiet(witness)
+    return [
+        f"{t}:{e['properties']['status']['type']}" if t == "session.status" else t
+        for t, e in ((str(e.get("type")), e) for _, e in witness.events)
+    ]
+
+
+@pytest.mark.parametrize("name", list(OPENCODE_SCENARIOS))
+async def test_fake_opencode_sends_what_the_real_one_sends(
+    name: str, real_opencode: servers.Process, serve: Any, http: aiohttp.ClientSession
+) -> None:
+    scenario, outcome, actions = OPENCODE_SCENARIOS[name]
+    if real_opencode.proc is None or real_opencode.proc.poll() is not None:
+        real_opencode.start()
+    fake = FakeOpencode(outcome=outcome)
+    fake_url = str((await serve(fake.app)).make_url("")).rstrip("/")
+    got_real, got_fake = await asyncio.gather(
+        run_opencode(http, real_opencode.url, scenario, actions),
+        run_opencode(http, fake_url, scenario, actions),
+    )
+    keep = {t for t in got_real + got_fake if t.split(":")[0] in OPENCODE_TYPES}
+    assert squeezed(got_fake, keep) == squeezed(got_real, keep), (
+        f"real: {squeezed(got_real, keep)}\nfake: {squeezed(got_fake, keep)}"
+    )
