@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+#: Metrics are served only with a token; the bench reads them.
+ADMIN_TOKEN = "bench"
 
 from merge_cost import conversation, per_call  # noqa: E402
 
@@ -128,7 +130,7 @@ class Processes:
         """The sidecar as a real process, in front of the upstream on that port."""
         return self.start(
             sys.executable, "-m", "sidecar", "--upstream", f"http://127.0.0.1:{upstream_port}",
-            "--port", str(port), "--log-level", "warning", *extra,
+            "--port", str(port), "--log-level", "warning", "--admin-token", ADMIN_TOKEN, *extra,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -142,7 +144,8 @@ class Processes:
 
 
 async def get_metric(http: aiohttp.ClientSession, base: str, name: str) -> float:
-    async with http.get(base + "/_sidecar/metrics") as resp:
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with http.get(base + "/_sidecar/metrics", headers=auth) as resp:
         text = await resp.text()
     m = re.search(rf"^{re.escape(name)} ([\d.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0

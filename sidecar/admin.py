@@ -3,8 +3,17 @@
 They never share a path with the upstream. On the main port they live under
 ``/_sidecar/``; with ``admin_port`` set they move to that port (where the
 probes are also at ``/healthz``, ``/readyz`` and ``/metrics``) and the main
-port proxies every path. ``admin_token`` protects metrics and state; the
-probes stay open, as kubelets call them without credentials.
+port proxies every path.
+
+Closed by default: the probes are always open (kubelets call them without
+credentials), but metrics, the state API and the page hold every
+conversation's ids and errors, so they are served only with an
+``admin_token``, or on an admin port bound to loopback. The token is sent as
+``Authorization: Bearer <token>`` (Prometheus, curl) or as the password of
+HTTP Basic (a browser's own prompt, so the page never puts it in a URL).
+They also answer only to a ``Host`` that is an IP address, ``localhost`` or
+one of ``admin_hosts``: a page on another site whose name was rebound to
+this address (DNS rebinding) gets a 421.
 
 * ``/healthz``: the process is alive and its event loop turns. Never depends
   on the upstream, so a dead upstream never gets the sidecar restarted.
@@ -15,8 +24,10 @@ probes stay open, as kubelets call them without credentials.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -28,13 +39,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from .config import Settings
 from .metrics import Metrics
 from .profile import Profile
 from .registry import Registry
 
-__all__ = ["Health", "add_admin_routes", "probe_upstream"]
+__all__ = ["Health", "add_admin_routes", "host_allowed", "probe_upstream", "serves_state"]
 
 log = logging.getLogger("sidecar.admin")
 
@@ -98,6 +110,57 @@ async def probe_upstream(
             await task
 
 
+def serves_state(settings: Settings, on_admin_port: bool) -> bool:
+    """Whether metrics, the state API and the page are served (see the module doc)."""
+    if settings.admin_token:
+        return True
+    return on_admin_port and _is_loopback(settings.admin_host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host_header: str | None, settings: Settings) -> bool:
+    """The Host names the admin endpoints answer to: IP addresses (which no
+    DNS rebinding can produce), localhost, and ``admin_hosts``."""
+    if not host_header:
+        return False
+    try:
+        name = URL.build(authority=host_header).host
+    except ValueError:
+        return False
+    if not name:
+        return False
+    name = name.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    return name in settings.admin_hosts.split(",")
+
+
+def _token_matches(given: str, token: str) -> bool:
+    """``Bearer <token>``, or HTTP Basic with the token as the password."""
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(body, option=orjson.OPT_INDENT_2),
@@ -121,18 +184,21 @@ def add_admin_routes(
 
     def protected(handler: Handler) -> Handler:
         async def check(request: web.Request) -> web.StreamResponse:
+            if not host_allowed(request.headers.get("Host"), settings):
+                return _json(
+                    {
+                        "error": "this Host is not one the admin endpoints answer to "
+                        "(see admin_hosts)",
+                        "source": "sidecar",
+                    },
+                    421,
+                )
             token = settings.admin_token
-            if token:
-                given = request.headers.get("Authorization", "")
-                if not given and "token" in request.query:  # the status page's own fetches
-                    given = "Bearer " + request.query["token"]
-                if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                    return web.Response(
-                        status=401,
-                        body=b'{"error": "admin token required", "source": "sidecar"}',
-                        content_type="application/json",
-                        headers={"WWW-Authenticate": 'Bearer realm="sidecar"'},
-                    )
+            if token and not _token_matches(request.headers.get("Authorization", ""), token):
+                response = _json({"error": "admin token required", "source": "sidecar"}, 401)
+                response.headers.add("WWW-Authenticate", 'Bearer realm="sidecar"')
+                response.headers.add("WWW-Authenticate", 'Basic realm="sidecar", charset="UTF-8"')
+                return response
             return await handler(request)
 
         return check
@@ -202,6 +268,16 @@ def add_admin_routes(
             }
         )
 
+    async def closed(request: web.Request) -> web.Response:
+        return _json(
+            {
+                "error": "not served without admin_token (or an admin port on loopback): "
+                "it would show every conversation's state to anyone",
+                "source": "sidecar",
+            },
+            404,
+        )
+
     async def page(request: web.Request) -> web.Response:
         html = resources.files("sidecar").joinpath("status.html").read_bytes()
         return web.Response(
@@ -211,15 +287,18 @@ def add_admin_routes(
     routes = [
         web.get(f"{prefix}/healthz", healthz),
         web.get(f"{prefix}/readyz", readyz),
-        web.get(f"{prefix}/metrics", protected(metrics_view)),
-        web.get(f"{prefix}/", protected(page)),
-        web.get(f"{prefix}/conversations", protected(conversations)),
-        web.get(f"{prefix}/conversations/{{id}}", protected(conversation)),
     ]
     if probes_at_root:
+        routes += [web.get("/healthz", healthz), web.get("/readyz", readyz)]
+    if serves_state(settings, on_admin_port=probes_at_root):
         routes += [
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", protected(metrics_view)),
+            web.get(f"{prefix}/metrics", protected(metrics_view)),
+            web.get(f"{prefix}/", protected(page)),
+            web.get(f"{prefix}/conversations", protected(conversations)),
+            web.get(f"{prefix}/conversations/{{id}}", protected(conversation)),
         ]
+        if probes_at_root:
+            routes.append(web.get("/metrics", protected(metrics_view)))
+    else:
+        routes.append(web.route("*", f"{prefix}/{{tail:.*}}", closed))
     app.router.add_routes(routes)

@@ -54,6 +54,14 @@ def _count(value: int) -> int:
     return value
 
 
+def _names(value: str) -> str:
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    for name in names:
+        if not all(c.isalnum() or c in "-._" for c in name):
+            raise ValueError(f"{name!r} is not a host name")
+    return ",".join(names)
+
+
 def _level(value: str) -> str:
     if value.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be debug, info, warning or error")
@@ -131,7 +139,25 @@ OPTIONS: tuple[Option, ...] = (
         "serve /healthz, /readyz, /metrics and /_sidecar/ on this port instead of the main one",
         _port,
     ),
-    Option("admin_token", str, "bearer token required by /metrics and /_sidecar/", secret=True),
+    Option(
+        "admin_host",
+        str,
+        "address the admin port listens on; state and metrics need admin_token unless loopback",
+    ),
+    Option(
+        "admin_token",
+        str,
+        "token for metrics, the state API and the page; without it they are served "
+        "only on an admin port bound to loopback",
+        secret=True,
+    ),
+    Option(
+        "admin_hosts",
+        str,
+        "comma-separated host names the admin endpoints answer to besides IP addresses "
+        "and localhost (against DNS rebinding)",
+        _names,
+    ),
     Option(
         "shutdown_grace",
         float,
@@ -178,7 +204,9 @@ class Settings:
     max_event_bytes: int = 4 * 1024 * 1024
     max_request_body: int = 1024**3
     admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
     admin_token: str | None = None
+    admin_hosts: str = ""
     shutdown_grace: float = 20.0
     keepalive_timeout: float = 3630.0
     probe_interval: float = 5.0
@@ -264,4 +292,6 @@ def load_settings(
     settings = Settings(**values)
     if settings.reconnect_min > settings.reconnect_max:
         raise ConfigError("reconnect_min: must not exceed reconnect_max")
+    if settings.admin_port is not None and settings.admin_port == settings.port != 0:
+        raise ConfigError("admin_port: must differ from port")
     return settings

@@ -163,6 +163,9 @@ class Profile:
     events: dict[str, tuple[EventRule, ...]] = field(default_factory=dict)
     #: The resource is itself the session (opencode): its id is ``session.id``.
     id_is_session: bool = False
+    #: ``POST`` here creates a resource; the answer names it in this field.
+    create_path: str | None = None
+    create_id_field: str = "id"
     source: str = "<builtin>"
 
     @property
@@ -202,6 +205,16 @@ class Profile:
         if method != self.enrich_method:
             return None
         return self.enrich.match(raw_path)
+
+    def match_resource(self, raw_path: str) -> str | None:
+        """The resource a path belongs to: the enrich target's, a trigger's or
+        the stream's (any method), or None."""
+        for template in (self.enrich, *(t.path for t in self.triggers), self.stream):
+            if template.has_id:
+                resource_id = template.match(raw_path)
+                if resource_id is not None:
+                    return resource_id
+        return None
 
     def valid_id(self, resource_id: str) -> bool:
         return valid_id(resource_id, self.id_pattern)
@@ -282,6 +295,10 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         raise ProfileError("resource.list_path: must start with '/'")
     list_id_field = res.get("list_id_field", str, "id")
     id_is_session = res.get("is_session", bool, False)
+    create_path = res.get("create_path", str, None)
+    if create_path is not None and not create_path.startswith("/"):
+        raise ProfileError("resource.create_path: must start with '/'")
+    create_id_field = res.get("create_id_field", str, "id")
     res.done()
 
     st = _Reader(top.get("stream", dict), "stream")
@@ -361,6 +378,8 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         list_id_field=list_id_field,
         events=events,
         id_is_session=id_is_session,
+        create_path=create_path,
+        create_id_field=create_id_field,
         source=source,
     )
 

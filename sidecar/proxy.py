@@ -37,7 +37,7 @@ from .config import Settings
 from .http1 import UpstreamResponse
 from .metrics import Metrics
 from .profile import Profile, Trigger
-from .registry import Conversation, Registry
+from .registry import Conversation, Registry, client_fingerprint
 
 __all__ = ["Exchange", "Proxy", "WebExchange"]
 
@@ -316,7 +316,9 @@ class Proxy:
         if resource_id is not None:
             exchange.kind = "enrich"
             return self._enrich(exchange, target, resource_id)
-        return self._pass(exchange, target)
+        if exchange.method == "POST" and path == self.profile.create_path:
+            return self._create(exchange, target)
+        return self._pass(exchange, target, self.profile.match_resource(path))
 
     async def serve(self, exchange: Exchange, path: str, work: Awaitable[None]) -> None:
         """Run one exchange's work; every failure becomes a clear answer, then a metric."""
@@ -463,45 +465,76 @@ class Proxy:
                 upstream.close()
 
     # ------------------------------------------------------------ plain
-    async def _pass(self, exchange: Exchange, target: str) -> None:
+    async def _pass(self, exchange: Exchange, target: str, resource_id: str | None) -> None:
         upstream = await self._send(exchange, target)
+        if resource_id is not None and 200 <= upstream.status < 300:
+            # The upstream accepted this client's request for the resource
+            # (gptme: the PUT that creates a conversation): observe it now.
+            conv = self.registry.observe(resource_id, exchange.headers)
+            if exchange.method not in ("GET", "HEAD"):
+                conv.changed()  # its body may have changed: served tags are stale
         await self._relay(exchange, upstream)
+
+    async def _create(self, exchange: Exchange, target: str) -> None:
+        """A request that creates a resource (opencode's ``POST /session``):
+        the upstream's answer names it, and the sidecar observes it at once."""
+        upstream = await self._send(exchange, target)
+        if not 200 <= upstream.status < 300:
+            await self._relay(exchange, upstream)
+            return
+        answer = await _read_at_most(upstream, TRIGGER_BODY_PEEK)
+        if len(answer) <= TRIGGER_BODY_PEEK:
+            decoded = _decoded(answer, upstream.headers.get("Content-Encoding", ""))
+            created = _json_field(_json_object(decoded or b""), self.profile.create_id_field)
+            if created is not None and self.profile.valid_id(created):
+                self.registry.observe(created, exchange.headers)
+        await self._relay(exchange, upstream, first=answer)
 
     # ------------------------------------------------------------ trigger
     async def _trigger(
         self, exchange: WebExchange, target: str, trigger: Trigger, resource_id: str
     ) -> None:
         request = exchange.request
-        conv = self.registry.observe(resource_id, request.headers)
-        live = await self.registry.ensure_live(conv, self.settings.trigger_wait)
-        if not live:
-            log.warning(
-                "trigger forwarded before its stream was live",
-                extra={"resource": resource_id, "stream": conv.snapshot.stream},
-            )
+        conv = self.registry.get(resource_id)
+        if conv is not None and client_fingerprint(request.headers) in conv.authorised:
+            # Known to the upstream for this client: make its stream live
+            # first, so no event of the work this starts can be missed.
+            conv = self.registry.observe(resource_id, request.headers)
+            if not await self.registry.ensure_live(conv, self.settings.trigger_wait):
+                log.warning(
+                    "trigger forwarded before its stream was live",
+                    extra={"resource": resource_id, "stream": conv.snapshot.stream},
+                )
+        else:
+            conv = None  # observed only once the upstream accepts the request
         data = None
         body: dict[str, Any] = {}
         length = request.content_length
         if request.body_exists and length is not None and length <= TRIGGER_BODY_PEEK:
             data = await request.read()  # forwarded exactly as received
             body = _json_object(data)
+        token = reducer.trigger_token(conv.snapshot) if conv is not None else None
+        upstream = await self._send(exchange, target, data=data)
+        if 200 <= upstream.status < 300:
+            conv = self.registry.observe(resource_id, request.headers)
             session_id = _json_field(body, trigger.session_field)
             if session_id is not None and not self.profile.id_is_session:
                 conv.set(reducer.learn_session(conv.snapshot, session_id))
-        token = reducer.trigger_token(conv.snapshot)
-        upstream = await self._send(exchange, target, data=data)
-        now = time.time()
-        if 200 <= upstream.status < 300:
+            if token is None:
+                token = reducer.trigger_token(conv.snapshot)
             self.registry.accept_trigger(conv, token, trigger, body)
-        elif upstream.status >= 500 and trigger.error_field:
+        elif upstream.status >= 500 and trigger.error_field and conv is not None:
             answer = await self._read_small(upstream)
             if answer is not None:
                 decoded = _decoded(answer, upstream.headers.get("Content-Encoding", ""))
                 error = _json_field(_json_object(decoded or b""), trigger.error_field)
                 if error is not None:
-                    conv.set(reducer.fail_trigger(conv.snapshot, token, error, now))
+                    assert token is not None
+                    conv.set(reducer.fail_trigger(conv.snapshot, token, error, time.time()))
                 await self._relay(exchange, upstream, first=answer)
                 return
+        elif conv is not None and upstream.status in (401, 403):
+            conv.revoke(client_fingerprint(request.headers))
         await self._relay(exchange, upstream)
 
     async def _read_small(self, upstream: UpstreamResponse) -> bytes | None:
@@ -513,19 +546,33 @@ class Proxy:
 
     # ------------------------------------------------------------- enrich
     async def _enrich(self, exchange: Exchange, target: str, resource_id: str) -> None:
-        conv = self.registry.observe(resource_id, exchange.headers)
-        await self._hold_until_changed(exchange, conv)
+        """Ask the upstream (or hold first), then merge: only into what the
+        upstream gave this client, and only then is the resource observed."""
+        fingerprint = client_fingerprint(exchange.headers)
+        conv = self.registry.get(resource_id)
+        if conv is not None and fingerprint in conv.authorised:
+            await self._hold_until_changed(exchange, conv)
         headers = request_headers(exchange, self.upstream, self.settings.preserve_host, self.via)
         for _attempt in range(2):
-            epoch = conv.epoch
+            epoch = conv.epoch if conv is not None else None
             inm = exchange.headers.get("If-None-Match")
             if inm is not None:
-                translated = merge.translate_if_none_match(inm, conv.served)
+                current = conv.served if conv is not None else ()
+                translated = merge.translate_if_none_match(inm, current)
                 if translated is None:
                     headers.popall("If-None-Match", None)
                 else:
                     headers["If-None-Match"] = translated
             upstream = await self._send(exchange, target, headers=headers)
+            if not (200 <= upstream.status < 300 or upstream.status == 304):
+                if conv is not None and upstream.status in (401, 403):
+                    conv.revoke(fingerprint)
+                self.metrics.count_merge("not_2xx")
+                await self._relay(exchange, upstream)
+                return
+            conv = self.registry.observe(resource_id, exchange.headers)
+            if epoch is None:
+                epoch = conv.epoch  # first seen now: nothing changed since it was asked
             if upstream.status != 304:
                 await self._merge_response(exchange, upstream, conv, epoch)
                 return
@@ -578,7 +625,7 @@ class Proxy:
         length = upstream.content_length
         limit = self.settings.merge_limit
         skip = None
-        if not 200 <= upstream.status < 300 or upstream.status == 204:
+        if upstream.status == 204:
             skip = "not_2xx"
         elif not _is_json(upstream.content_type):
             skip = "not_json"

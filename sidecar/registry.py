@@ -4,10 +4,18 @@ It is the one place that owns mutable state. Events from subscriptions and
 answers from the proxy come in; the pure reducer computes the next snapshot;
 the registry stores it and wakes whoever waits for a change.
 
+Only what the upstream authorised: a resource is observed (its snapshot made,
+its stream opened with that client's credentials, or the configured ones)
+only after the upstream answered a client's request for it with a 2xx or a
+304 (:meth:`Registry.observe`). Each conversation remembers which
+credentials (by fingerprint) it was last authorised for, so a long-poll is
+held only for them. An unauthenticated flood of new ids costs no upstream
+stream and evicts nothing.
+
 Bounds: at most ``max_snapshots`` resources are remembered and at most
-``max_subscriptions`` streams are open. The least recently used ones go first,
-but a stream whose resource has work in flight is never closed to make room.
-A closed stream keeps its resource's last snapshot (so a ``last_error`` stays
+``max_subscriptions`` streams are open. The least recently read ones (by an
+authorised client) go first, in O(1), but never one with work in flight. A
+closed stream keeps its resource's last snapshot (so a ``last_error`` stays
 readable) until the snapshot itself is evicted.
 """
 
@@ -39,6 +47,7 @@ log = logging.getLogger("sidecar.registry")
 _SHARED = ""  # the subscription key of a profile's single shared stream
 TRANSITIONS_KEPT = 20
 SERVED_KEPT = 8
+AUTHORISED_KEPT = 16
 
 
 def _fingerprint(credentials: Mapping[str, str]) -> str:
@@ -46,11 +55,17 @@ def _fingerprint(credentials: Mapping[str, str]) -> str:
     return hashlib.sha256(repr(sorted(credentials.items())).encode()).hexdigest()
 
 
+def client_fingerprint(headers: Mapping[str, str]) -> str:
+    """The fingerprint of the credentials a client request carries."""
+    return _fingerprint({h: headers[h] for h in CREDENTIAL_HEADERS if h in headers})
+
+
 class Conversation:
     """One observed resource: its snapshot, and a way to wait for changes."""
 
     __slots__ = (
         "_changed",
+        "authorised",
         "epoch",
         "evidence_timer",
         "id",
@@ -82,6 +97,18 @@ class Conversation:
         #: Digests of the merged bodies served in this epoch: the ETags that
         #: are still current (a few, for bodies that differ by query).
         self.served: dict[str, None] = {}
+        #: Fingerprints of the credentials the upstream last accepted for it.
+        self.authorised: dict[str, None] = {}
+
+    def authorise(self, fingerprint: str) -> None:
+        self.authorised.pop(fingerprint, None)
+        self.authorised[fingerprint] = None
+        if len(self.authorised) > AUTHORISED_KEPT:
+            del self.authorised[next(iter(self.authorised))]
+
+    def revoke(self, fingerprint: str) -> None:
+        """The upstream refused these credentials for it (a 401, a 403...)."""
+        self.authorised.pop(fingerprint, None)
 
     def changed(self) -> None:
         """A change, of the snapshot or of the body upstream: tags served so
@@ -172,8 +199,10 @@ class Registry:
 
     # ----------------------------------------------------------- observing
     def observe(self, resource_id: str, client_headers: Mapping[str, str]) -> Conversation:
-        """The resource's conversation, with its stream opened if needed."""
+        """The upstream accepted this client's request for the resource: its
+        conversation, authorised for the client, with its stream opened if needed."""
         conv = self._remember(resource_id)
+        conv.authorise(client_fingerprint(client_headers))
         key = _SHARED if self.profile.shared_stream else resource_id
         sub = self._subscriptions.get(key)
         if sub is not None and not sub.finished:
@@ -281,30 +310,33 @@ class Registry:
                 f"back, the upstream showed no sign of the step within {wait:g} s",
             )
 
-    def _remember(self, resource_id: str) -> Conversation:
+    def _remember(self, resource_id: str, touch: bool = True) -> Conversation:
+        """The conversation, made if new; ``touch``: it was just read (LRU)."""
         conv = self._conversations.get(resource_id)
         if conv is None:
             conv = Conversation(resource_id, self.profile.id_is_session)
             self._conversations[resource_id] = conv
             self._evict_snapshots()
-        else:
+        elif touch:
             self._conversations.move_to_end(resource_id)
         conv.last_used = time.monotonic()
         return conv
 
     def _evict_snapshots(self) -> None:
-        excess = len(self._conversations) - self.settings.max_snapshots
-        if excess <= 0:
-            return
-        for resource_id in list(self._conversations)[:-1]:  # never the newest
-            conv = self._conversations[resource_id]
-            if reducer.is_active(conv.snapshot):
+        """Forget the least recently read snapshots beyond the cap, never the
+        newest nor one with work in flight (those go to the back of the line:
+        each is passed over once, so eviction stays O(1) amortised)."""
+        conversations = self._conversations
+        newest = next(reversed(conversations), None)
+        passed = 0
+        while len(conversations) > self.settings.max_snapshots and passed < len(conversations):
+            resource_id, conv = next(iter(conversations.items()))
+            if resource_id == newest or reducer.is_active(conv.snapshot):
+                conversations.move_to_end(resource_id)
+                passed += 1
                 continue
-            del self._conversations[resource_id]
+            del conversations[resource_id]
             self._retire(resource_id)
-            excess -= 1
-            if excess == 0:
-                return
 
     def _open(self, key: str, credentials: dict[str, str]) -> Subscription | None:
         if len(self._subscriptions) >= self.settings.max_subscriptions and not self._make_room():
@@ -380,7 +412,7 @@ class Registry:
             resource_id = reducer.field_value(data, profile.id_field)
             if not isinstance(resource_id, str) or not profile.valid_id(resource_id):
                 return
-            conv = self._remember(resource_id)
+            conv = self._remember(resource_id, touch=False)  # not a read
             conv.subscription = sub
             if conv.snapshot.stream != sub.stream:
                 conv.set(reducer.stream_changed(conv.snapshot, sub.stream, time.time()))

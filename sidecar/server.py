@@ -92,7 +92,7 @@ class Server:
                 create_admin_app(self.app), access_log=None, handle_signals=False
             )
             await self.admin_runner.setup()
-            site = web.TCPSite(self.admin_runner, settings.host, settings.admin_port)
+            site = web.TCPSite(self.admin_runner, settings.admin_host, settings.admin_port)
             await site.start()
             self.admin_port = self.admin_runner.addresses[0][1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 
 import aiohttp
@@ -11,6 +12,9 @@ from sidecar.app import create_admin_app
 from sidecar.fake import FakeGptme, Outcome
 
 from .conftest import eventually
+
+TOKEN = {"admin_token": "adm"}
+ADMIN = {"Authorization": "Bearer adm"}
 
 
 async def test_healthz_never_depends_on_the_upstream(start_sidecar, http) -> None:
@@ -46,11 +50,11 @@ async def test_refused_upstream_at_start_then_ready_once_it_answers(
 
 
 async def test_metrics_count_requests_events_and_merges_without_ids(gptme, http) -> None:
-    g = await gptme("0.31.0", outcome=Outcome(kind="error"))
+    g = await gptme("0.31.0", sidecar_options=TOKEN, outcome=Outcome(kind="error"))
     sid = await g.create("secret-conversation-id")
     await g.step("secret-conversation-id", sid)
     await g.wait_status("secret-conversation-id", "failed")
-    async with http.get(g.sidecar.url + "/_sidecar/metrics") as resp:
+    async with http.get(g.sidecar.url + "/_sidecar/metrics", headers=ADMIN) as resp:
         text = await resp.text()
     assert 'sidecar_requests_total{code="200",kind="enrich",method="GET"}' in text
     assert 'sidecar_requests_total{code="200",kind="trigger",method="POST"}' in text
@@ -62,27 +66,85 @@ async def test_metrics_count_requests_events_and_merges_without_ids(gptme, http)
 
 
 async def test_state_api_lists_conversations_and_their_transitions(gptme, http) -> None:
-    g = await gptme("0.31.0", outcome=Outcome(kind="error", start_delay=0.05))
+    g = await gptme(
+        "0.31.0", sidecar_options=TOKEN, outcome=Outcome(kind="error", start_delay=0.05)
+    )
     sid = await g.create("c1")
     await g.step("c1", sid)
     await g.wait_status("c1", "failed")
-    async with http.get(g.sidecar.url + "/_sidecar/conversations") as resp:
+    async with http.get(g.sidecar.url + "/_sidecar/conversations", headers=ADMIN) as resp:
         (item,) = (await resp.json())["conversations"]
     assert (item["id"], item["status"]) == ("c1", "failed")
-    async with http.get(g.sidecar.url + "/_sidecar/conversations/c1") as resp:
+    async with http.get(g.sidecar.url + "/_sidecar/conversations/c1", headers=ADMIN) as resp:
         detail = await resp.json()
     statuses = [t["status"] for t in detail["transitions"]]
     assert statuses[-3:] == ["starting", "generating", "failed"]
     assert detail["subscription"]["stream"] == "live"
-    async with http.get(g.sidecar.url + "/_sidecar/conversations/nope") as resp:
+    async with http.get(g.sidecar.url + "/_sidecar/conversations/nope", headers=ADMIN) as resp:
         assert resp.status == 404
 
 
-async def test_status_page_is_served(gptme, http) -> None:
-    g = await gptme()
-    async with http.get(g.sidecar.url + "/_sidecar/") as resp:
+async def test_status_page_is_served_with_the_token(gptme, http) -> None:
+    g = await gptme(sidecar_options=TOKEN)
+    basic = "Basic " + base64.b64encode(b"anyone:adm").decode()  # a browser's own prompt
+    async with http.get(g.sidecar.url + "/_sidecar/", headers={"Authorization": basic}) as resp:
         assert resp.status == 200
         assert "sidecar: conversations" in await resp.text()
+        assert "token" not in str(resp.url)
+    async with http.get(g.sidecar.url + "/_sidecar/") as resp:
+        assert resp.status == 401
+        challenges = resp.headers.getall("WWW-Authenticate")
+        assert any(c.startswith("Basic") for c in challenges), challenges
+
+
+async def test_without_a_token_only_the_probes_are_served(gptme, http) -> None:
+    g = await gptme("0.31.0", outcome=Outcome(kind="error"))
+    sid = await g.create("c1")
+    await g.step("c1", sid)
+    await g.wait_status("c1", "failed")
+    for path in ("/_sidecar/conversations", "/_sidecar/conversations/c1", "/_sidecar/",
+                 "/_sidecar/metrics"):  # fmt: skip
+        async with http.get(g.sidecar.url + path, headers={"Host": "localhost"}) as resp:
+            assert resp.status == 404, path
+            text = await resp.text()
+            assert "admin_token" in text and "c1" not in text
+    assert [p for _, p in g.fake.requests if p.startswith("/_sidecar")] == []  # not proxied
+    async with http.get(g.sidecar.url + "/_sidecar/healthz") as resp:
+        assert resp.status == 200
+    async with http.get(g.sidecar.url + "/_sidecar/readyz") as resp:
+        assert resp.status == 200
+
+
+async def test_a_rebound_host_name_is_refused(gptme, http) -> None:
+    g = await gptme(sidecar_options=TOKEN)
+    url = g.sidecar.url + "/_sidecar/conversations"
+    for host, status in (("attacker.example", 421), ("localhost:8080", 200), ("10.1.2.3", 200)):
+        async with http.get(url, headers={**ADMIN, "Host": host}) as resp:
+            assert resp.status == status, host
+
+
+async def test_the_admin_port_binds_loopback_and_serves_state_there_without_a_token(
+    gptme, http
+) -> None:
+    g = await gptme(sidecar_options={"admin_port": 0})
+    server = g.sidecar.server
+    assert server.admin_runner is not None
+    assert server.admin_runner.addresses[0][0] == "127.0.0.1"
+    base = f"http://127.0.0.1:{server.admin_port}"
+    async with http.get(base + "/_sidecar/conversations") as resp:
+        assert resp.status == 200
+    async with http.get(base + "/_sidecar/conversations", headers={"Host": "evil.test"}) as resp:
+        assert resp.status == 421
+
+
+async def test_an_admin_port_open_to_the_network_needs_the_token(gptme, http) -> None:
+    g = await gptme(sidecar_options={"admin_port": 0, "admin_host": "0.0.0.0"})
+    base = f"http://127.0.0.1:{g.sidecar.server.admin_port}"
+    async with http.get(base + "/healthz") as resp:
+        assert resp.status == 200
+    for path in ("/metrics", "/_sidecar/conversations"):
+        async with http.get(base + path) as resp:
+            assert resp.status == 404, path
 
 
 async def test_admin_port_and_token(serve, start_sidecar, http) -> None:
@@ -103,6 +165,8 @@ async def test_admin_port_and_token(serve, start_sidecar, http) -> None:
     async with http.get(base + "/metrics", headers={"Authorization": "Bearer adm"}) as resp:
         assert resp.status == 200
     async with http.get(base + "/_sidecar/conversations?token=adm") as resp:
+        assert resp.status == 401  # a token in a URL ends up in logs: not accepted
+    async with http.get(base + "/_sidecar/conversations", headers=ADMIN) as resp:
         assert resp.status == 200
 
 

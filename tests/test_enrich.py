@@ -127,13 +127,15 @@ async def test_a_configured_credential_is_used_for_subscriptions(gptme) -> None:
 
 
 async def test_a_refused_stream_is_reported_lost(gptme, http) -> None:
-    g = await gptme("0.35.1", token="tok")
-    g.headers = {"Authorization": "Bearer wrong"}
-    async with http.get(g.url("/api/v2/conversations/c1"), headers=g.headers) as resp:
-        assert resp.status == 401
-    from .conftest import eventually
-
+    # The client may read the conversation, but the sidecar's own credentials
+    # for the stream are refused: the state says so.
+    g = await gptme("0.35.1", token="tok", sidecar_options={"upstream_authorization": "Bearer no"})
+    g.headers = {"Authorization": "Bearer tok"}
+    await g.create("c1")
+    state = await g.session("c1")
+    assert state["stream"] in ("connecting", "lost")
     await eventually(lambda: g.sidecar.snapshot("c1").stream == "lost")
+    assert (await g.session("c1"))["stream"] == "lost"
 
 
 async def test_no_transform_and_non_json_pass_unchanged(serve, start_sidecar, http) -> None:
@@ -155,18 +157,68 @@ async def test_no_transform_and_non_json_pass_unchanged(serve, start_sidecar, ht
         assert await resp.text() == "plain text"
 
 
-async def test_a_refused_client_polling_does_not_reopen_the_stream_each_time(gptme, http) -> None:
+async def test_a_refused_client_polling_opens_no_stream_and_makes_no_state(gptme, http) -> None:
     g = await gptme("0.35.1", token="tok", sidecar_options={"reconnect_max": 30})
     for _ in range(5):
         async with http.get(
             g.url("/api/v2/conversations/c1"), headers={"Authorization": "Bearer bad"}
         ) as resp:
             assert resp.status == 401
-        await asyncio.sleep(0.05)
-    streams = [p for m, p in g.fake.requests if p.endswith("/events")]
-    assert len(streams) == 1
-    # Other credentials are tried at once.
+    assert [p for m, p in g.fake.requests if p.endswith("/events")] == []
+    assert g.sidecar.registry.get("c1") is None
+    # Credentials the upstream accepts are observed at once.
     g.headers = {"Authorization": "Bearer tok"}
     await g.create("c1")
     await g.get("c1")
     await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+
+
+async def test_the_configured_credentials_serve_only_what_a_client_was_allowed(gptme, http) -> None:
+    # Confused deputy: the sidecar holds a token of its own for streams; an
+    # unauthenticated client must not make it open someone else's.
+    g = await gptme("0.35.1", token="tok", sidecar_options={"upstream_authorization": "Bearer tok"})
+    g.headers = {"Authorization": "Bearer tok"}
+    await g.create("victim", direct=True)
+    async with http.get(g.url("/api/v2/conversations/victim")) as resp:
+        assert resp.status == 401
+    assert [p for m, p in g.fake.requests if p.endswith("/events")] == []
+    assert g.sidecar.registry.get("victim") is None
+
+
+async def test_an_unauthenticated_flood_costs_no_stream_and_evicts_nothing(gptme, http) -> None:
+    g = await gptme(
+        "0.35.1", token="tok", sidecar_options={"max_snapshots": 50}, outcome=Outcome(kind="error")
+    )
+    g.headers = {"Authorization": "Bearer tok"}
+    sid = await g.create("real")
+    await g.get("real")
+    await g.step("real", sid)
+    await g.wait_status("real", "failed")
+    streams_before = len([p for m, p in g.fake.requests if p.endswith("/events")])
+    for i in range(2000):
+        async with http.get(g.url(f"/api/v2/conversations/flood-{i}")) as resp:
+            assert resp.status == 401
+    assert len([p for m, p in g.fake.requests if p.endswith("/events")]) == streams_before
+    assert len(g.sidecar.registry.conversations()) == 1
+    assert (await g.session("real"))["status"] == "failed"
+
+
+async def test_an_unauthenticated_long_poll_is_not_held(gptme, http) -> None:
+    g = await gptme("0.35.1", token="tok")
+    g.headers = {"Authorization": "Bearer tok"}
+    await g.create("c1")
+    url, etag = await g.live_etag("c1")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with http.get(url, headers={"If-None-Match": etag, "Prefer": "wait=10"}) as resp:
+        assert resp.status == 401  # answered at once: no timing to watch
+    assert loop.time() - started < 5
+
+
+async def test_eviction_forgets_the_least_recently_read(gptme, http) -> None:
+    g = await gptme("0.31.0", sidecar_options={"max_snapshots": 3})
+    for cid in ("a", "b", "c"):
+        await g.create(cid)
+    await g.get("a")  # read again: now the most recent
+    await g.create("d")
+    assert {c.id for c in g.sidecar.registry.conversations()} == {"a", "c", "d"}

@@ -147,3 +147,10 @@ async def test_a_permission_request_waits_for_a_human(opencode, http) -> None:
         pass
     await eventually(lambda: sc.snapshot(sid).status == "completed")
     assert (await state(http, sc, sid))["pending_tools"] == []
+
+
+async def test_a_session_created_through_the_sidecar_is_observed_at_once(opencode, http) -> None:
+    fake, _, sc = await opencode(Outcome())
+    sid = await create(http, sc.url)
+    await eventually(lambda: sc.snapshot(sid) is not None and sc.snapshot(sid).stream == "live")
+    assert [p for m, p in fake.requests if p == "/event"] == ["/event"]  # before any prompt

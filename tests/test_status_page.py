@@ -74,7 +74,11 @@ async def launch(tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
 
 
 async def test_the_status_page_shows_a_failed_conversation_appear(gptme, http, tmp_path) -> None:
-    g = await gptme("0.31.0", outcome=Outcome(kind="error", start_delay=0.1))
+    g = await gptme(
+        "0.31.0",
+        sidecar_options={"admin_token": "page-token"},
+        outcome=Outcome(kind="error", start_delay=0.1),
+    )
     proc, devtools = await launch(tmp_path)
     try:
         async with http.get(f"http://{devtools}/json/list") as resp:
@@ -82,6 +86,13 @@ async def test_the_status_page_shows_a_failed_conversation_appear(gptme, http, t
         async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
             page = Page(ws)
             await page.call("Page.enable")
+            # What a person types into the browser's own prompt (HTTP Basic):
+            # sent with the page and every request it makes, never in a URL.
+            basic = base64.b64encode(b"me:page-token").decode()
+            await page.call("Network.enable")
+            await page.call(
+                "Network.setExtraHTTPHeaders", headers={"Authorization": f"Basic {basic}"}
+            )
             await page.call("Page.navigate", url=g.sidecar.url + "/_sidecar/")
             for _ in range(100):
                 if await page.evaluate(

@@ -10,6 +10,8 @@ from sidecar.fake import Outcome
 
 from .conftest import eventually
 
+ADMIN = {"Authorization": "Bearer adm"}
+
 MiB = 1024 * 1024
 
 
@@ -51,7 +53,9 @@ async def test_garbage_is_counted_and_skipped_and_others_are_unaffected(
 ) -> None:
     up = GarbageUpstream()
     server = await serve(up.app)
-    sc = await start_sidecar(str(server.make_url("")).rstrip("/"), max_event_bytes=MiB)
+    sc = await start_sidecar(
+        str(server.make_url("")).rstrip("/"), max_event_bytes=MiB, admin_token="adm"
+    )
     for cid in ("bad", "good"):
         async with http.get(f"{sc.url}/api/v2/conversations/{cid}") as resp:
             assert resp.status == 200
@@ -65,7 +69,7 @@ async def test_garbage_is_counted_and_skipped_and_others_are_unaffected(
     assert bad.decoder.oversized == 1
     # non-JSON, invalid UTF-8, a raw NUL in a string, a list, an object with no type
     assert sc.registry.malformed_events == 5
-    async with http.get(f"{sc.url}/_sidecar/metrics") as resp:
+    async with http.get(f"{sc.url}/_sidecar/metrics", headers=ADMIN) as resp:
         text = await resp.text()
     assert "sidecar_malformed_events_total 6.0" in text  # and the 10 MiB line
     assert 'sidecar_events_total{type="other"} 1.0' in text  # the escaped NUL: unknown type
