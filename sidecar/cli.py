@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -150,11 +150,20 @@ def serve(settings: Settings, profile: Profile) -> int:
     from .server import run
 
     setup_logging(settings.log_level)
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run(settings, profile))
-    return int(uvloop.run(run(settings, profile)))
+        pass  # the standard loop, and nothing chained to this import's failure
+    else:
+        runner = uvloop.run
+    try:
+        return int(runner(run(settings, profile)))
+    except OSError as exc:
+        # Start-up failures (port in use, an address not on this host, no
+        # permission): one line, no traceback.
+        print(f"sidecar: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

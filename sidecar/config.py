@@ -133,6 +133,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("merge_limit", int, "largest body merged, bytes", _count),
     Option("max_event_bytes", int, "largest SSE event kept, bytes", _count),
     Option("max_request_body", int, "largest request body forwarded, bytes", _count),
+    Option("max_ws_message", int, "largest WebSocket message relayed, bytes", _count),
     Option(
         "admin_port",
         int,
@@ -164,6 +165,19 @@ OPTIONS: tuple[Option, ...] = (
         "seconds in-flight requests get to finish after SIGTERM",
         _positive,
     ),
+    Option(
+        "header_timeout",
+        float,
+        "seconds a client has to send a whole request head (408 after)",
+        _positive,
+    ),
+    Option(
+        "body_timeout",
+        float,
+        "seconds a request body may pause between reads (408 after)",
+        _positive,
+    ),
+    Option("max_connections", int, "client connections open at once, at most", _count),
     Option(
         "keepalive_timeout",
         float,
@@ -203,11 +217,15 @@ class Settings:
     merge_limit: int = 32 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
     max_request_body: int = 1024**3
+    max_ws_message: int = 4 * 1024 * 1024
     admin_port: int | None = None
     admin_host: str = "127.0.0.1"
     admin_token: str | None = None
     admin_hosts: str = ""
     shutdown_grace: float = 20.0
+    header_timeout: float = 60.0
+    body_timeout: float = 60.0
+    max_connections: int = 10000
     keepalive_timeout: float = 3630.0
     probe_interval: float = 5.0
     max_wait: float = 60.0

@@ -11,7 +11,8 @@ aiohttp's handler runs, with the same headers, merge, metrics and errors.
 Everything else is aiohttp's: a request with a body, any other method, a
 WebSocket or other upgrade, HTTP/1.0, an absolute-form target, the admin
 paths, a head over 8 KiB, a head that repeats a field RFC 9110 allows once
-(``Host``, ``Content-Length``...), or one llhttp would not take as it is. At the
+(``Host``, ``Content-Length``...), a head without ``Host``, or one llhttp would
+not take as it is. At the
 first such request the connection is handed over, with the bytes read so far,
 to a new aiohttp request handler, and it stays there. aiohttp then answers
 exactly as it would have alone, malformed requests included.
@@ -20,6 +21,13 @@ Requests on one connection are answered in order, one at a time: pipelined
 heads wait in the buffer, and reading pauses once it holds more than
 ``MAX_BUFFERED`` bytes. A client that leaves cancels its request (aiohttp's
 ``handler_cancellation``). Idle connections close after ``keepalive_timeout``.
+
+Limits, as nginx has them: a request head must arrive whole within
+``header_timeout`` of its first byte (of the connection, for the first one),
+or the client gets a 408 and the connection closes; aiohttp's server has no
+such limit, so connections handed over to it keep it (:class:`_HandedOver`).
+Beyond ``max_connections`` open connections, a new one gets a 503 and is
+closed.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from http import HTTPStatus
 from typing import cast
 
 import httptools
+import orjson
 from aiohttp import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -99,6 +108,8 @@ class Front:
         access_log: logging.Logger | None = None,
         local_prefix: str | None = None,
         keepalive_timeout: float = 3630.0,
+        header_timeout: float = 60.0,
+        max_connections: int = 10000,
     ) -> None:
         """``hand_over`` makes aiohttp's protocol for a connection the front
         does not serve; paths under ``local_prefix`` are aiohttp's own routes;
@@ -108,8 +119,12 @@ class Front:
         self.access_log = access_log
         self.local_prefix = local_prefix
         self.keepalive_timeout = keepalive_timeout
-        self._sweep_every = min(_SWEEP_INTERVAL, keepalive_timeout / 2)
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self._sweep_every = min(_SWEEP_INTERVAL, keepalive_timeout / 2, header_timeout / 2)
         self.connections: set[_Connection] = set()
+        #: Connections handed over to aiohttp and still open.
+        self.handed_over: set[_HandedOver] = set()
         self.closing = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -124,13 +139,28 @@ class Front:
         return self._server
 
     def _sweep(self) -> None:
-        """Close connections idle for longer than the keep-alive timeout."""
+        """Close connections idle for longer than the keep-alive timeout, and
+        those whose request head is late."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() - self.keepalive_timeout
+        now = loop.time()
+        idle_deadline = now - self.keepalive_timeout
+        head_deadline = now - self.header_timeout
         for conn in list(self.connections):
-            if conn.task is None and conn.last_active < deadline:
+            if conn.task is not None:
+                continue
+            if conn.head_since is not None:
+                if conn.head_since < head_deadline:
+                    conn.refuse(408, "the request head did not arrive in time")
+            elif conn.last_active < idle_deadline:
                 conn.close()
+        for handed in list(self.handed_over):
+            if handed.head_since is not None and handed.head_since < head_deadline:
+                handed.refuse(408, "the request head did not arrive in time")
         self._sweeper = loop.call_later(self._sweep_every, self._sweep)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections) + len(self.handed_over)
 
     def close(self) -> None:
         """Stop listening; close idle connections, and busy ones after their answer."""
@@ -174,6 +204,8 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.last_active = self.loop.time()
         self.lost = False
+        #: When the request head now awaited began (None: idle, or serving).
+        self.head_since: float | None = self.loop.time()
         self.reading_paused = False
         self.writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -192,12 +224,17 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else str(peer) if peer else None
+        if self.front.open_connections >= self.front.max_connections:
+            self.refuse(503, "too many connections")
+            return
         self.front.connections.add(self)
         if self.front.closing:
             self.close()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self.loop.time()
+        if not self.buffer and self.task is None and self.head_since is None:
+            self.head_since = self.last_active  # a new request head begins
         self.buffer = self.buffer + data if self.buffer else data
         if self.task is None:
             self._next()
@@ -232,6 +269,12 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer with an error of the sidecar's own, and close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_error_answer(status, message))
+        self.close()
 
     async def drain(self) -> None:
         if self.lost:
@@ -278,6 +321,7 @@ class _Connection(asyncio.Protocol):
             self._hand_over()
             return
         self.buffer = buf[end + 4 :]
+        self.head_since = None
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         exchange = _Exchange(self, headers, self._keep_alive)
         self.task = self.loop.create_task(self._serve(exchange, target, path))
@@ -300,6 +344,7 @@ class _Connection(asyncio.Protocol):
             or self._refuse
             or self._parser.get_http_version() != "1.1"
             or len(self._headers) > MAX_HEADERS
+            or "host" not in self._singletons_seen  # aiohttp's path refuses it (400)
         ):
             return None
         try:
@@ -358,6 +403,8 @@ class _Connection(asyncio.Protocol):
         if self.reading_paused:
             self.reading_paused = False
             self._transport.resume_reading()
+        if self.buffer:
+            self.head_since = self.last_active  # the next head began arriving
         self._next()
 
     def _hand_over(self) -> None:
@@ -369,7 +416,7 @@ class _Connection(asyncio.Protocol):
         """
         self.front._forget(self)
         transport = self._transport
-        protocol = self.front.hand_over()
+        protocol = _HandedOver(self.front, self.front.hand_over(), self.head_since)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if self.reading_paused:
@@ -378,6 +425,79 @@ class _Connection(asyncio.Protocol):
         if data:
             protocol.data_received(data)
         self.transport = None
+
+
+class _HandedOver(asyncio.Protocol):
+    """aiohttp's protocol for a handed-over connection, with a head timeout.
+
+    aiohttp's server waits for a request head as long as the connection's
+    keep-alive timeout (an hour by default): a client sending one byte now
+    and then holds it forever. This wrapper passes everything through and
+    notes when a head began arriving on an idle connection; the front's
+    sweep answers 408 if aiohttp has not parsed it within ``header_timeout``.
+    """
+
+    def __init__(self, front: Front, inner: asyncio.Protocol, head_since: float | None) -> None:
+        self.front = front
+        self.inner = inner
+        self.transport: asyncio.Transport | None = None
+        self.head_since = head_since
+        self._loop = asyncio.get_running_loop()
+
+    def _parsed(self) -> int:
+        return int(getattr(self.inner, "_request_count", 0))
+
+    def _idle(self) -> bool:
+        """aiohttp waits for a new request: none in progress or queued."""
+        return not getattr(self.inner, "_request_in_progress", True) and not getattr(
+            self.inner, "_messages", True
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.front.handed_over.add(self)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        before = self._parsed()
+        idle = self._idle()
+        self.inner.data_received(data)
+        if self._parsed() != before:
+            self.head_since = None  # a head arrived whole
+        elif idle and self.head_since is None:
+            self.head_since = self._loop.time()
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.handed_over.discard(self)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def refuse(self, status: int, message: str) -> None:
+        self.head_since = None
+        if self._parsed() and not self._idle():
+            return  # a request is being served after all
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_error_answer(status, message))
+            self.transport.close()
+
+
+def _error_answer(status: int, message: str) -> bytes:
+    """A whole answer of the sidecar's own, with ``Connection: close``."""
+    body = orjson.dumps({"error": message, "source": "sidecar"})
+    head = (
+        f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Date: {_http_date()}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 class _Exchange:
@@ -416,7 +536,7 @@ class _Exchange:
     def started(self) -> bool:
         return self.status != 0
 
-    def body(self, limit: int) -> None:
+    def body(self, limit: int, idle: float) -> None:
         return None
 
     def _head(

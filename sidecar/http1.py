@@ -60,6 +60,10 @@ class UpstreamResponse(Protocol):
 
 HIGH_WATER = 256 * 1024
 MAX_IDLE = 256
+#: A response head's bounds, as aiohttp's client has them: a longer line or
+#: more fields is an upstream fault (502), not something to buffer.
+MAX_LINE = 8190
+MAX_FIELDS = 128
 
 
 class ConnectFailed(aiohttp.ClientConnectionError):
@@ -222,14 +226,23 @@ class Response:
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
+        if len(self._reason) > MAX_LINE:
+            raise ValueError("the upstream's status line is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) + 2 > MAX_LINE or len(self._raw_headers) >= MAX_FIELDS:
+            raise ValueError(
+                f"the upstream's response head is too large (over {MAX_LINE} bytes in a "
+                f"field or {MAX_FIELDS} fields)"
+            )
         self._raw_headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if status == 101:
+            raise ValueError("the upstream switched protocols unasked (101)")
         if 100 <= status < 200:  # an interim answer: the real one follows
             self._raw_headers.clear()
             self._reason = b""

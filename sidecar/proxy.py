@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from aiohttp import HttpVersion, WSMsgType, web
+from aiohttp import HttpVersion, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -111,7 +111,7 @@ class Exchange(Protocol):
     def headers(self) -> CIMultiDictProxy[str]: ...
     @property
     def started(self) -> bool: ...
-    def body(self, limit: int) -> AsyncIterator[bytes] | None: ...
+    def body(self, limit: int, idle: float) -> AsyncIterator[bytes] | None: ...
     async def respond(
         self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
     ) -> None: ...
@@ -153,7 +153,18 @@ def response_headers(upstream: UpstreamResponse, version: Any, via: str) -> CIMu
         [(k, v) for k, v in headers.items() if k.lower() not in drop]
     )
     out["Via"] = _append_via(headers.getall("Via", ()), version, via)
+    if upstream.status == 204:
+        out.popall("Content-Length", None)  # RFC 9110 section 8.6: never on a 204
     return out
+
+
+def _reason(upstream: UpstreamResponse) -> str | None:
+    """The upstream's reason phrase if it is one a client can be sent
+    (visible ASCII, spaces, tabs), else None: the standard phrase is used."""
+    reason = upstream.reason
+    if reason is None or all(" " <= c <= "~" or c == "\t" for c in reason):
+        return reason
+    return None
 
 
 def _append_via(prior: Any, version: Any, via: str) -> str:
@@ -200,11 +211,11 @@ class WebExchange:
     def started(self) -> bool:
         return self.response is not None and self.response.prepared
 
-    def body(self, limit: int) -> AsyncIterator[bytes] | None:
+    def body(self, limit: int, idle: float) -> AsyncIterator[bytes] | None:
         request = self.request
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit)
-        return _stream_body(request, limit) if request.body_exists else None
+        return _stream_body(request, limit, idle) if request.body_exists else None
 
     async def respond(
         self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
@@ -294,6 +305,7 @@ class Proxy:
         path = target.partition("?")[0]
         method = request.method
         work: Awaitable[None]
+        # (A request without Host never gets here: aiohttp answers it 400.)
         if _is_websocket(request):
             exchange.kind = "websocket"
             work = self._websocket(exchange, target)
@@ -334,6 +346,8 @@ class Proxy:
                 method=method,
                 path=path,
             )
+            if exc.status == 408:
+                exchange.abort()  # the request is incomplete: the connection cannot go on
         except ConnectionResetError:
             # The client left while its answer was written: counted as 499, as
             # nginx does ("client closed request"); nothing more to send.
@@ -356,6 +370,8 @@ class Proxy:
         headers = CIMultiDict(
             {"Content-Type": "application/json", "Content-Length": str(len(body))}
         )
+        if exchange.method == "HEAD":
+            body = b""  # the length a GET would get, and no body (RFC 9110 section 9.3.2)
         try:
             await exchange.respond(status, None, headers, body)
         except ConnectionResetError:
@@ -379,7 +395,7 @@ class Proxy:
             )
         limit = self.settings.max_request_body
         if data is None:
-            data = exchange.body(limit)
+            data = exchange.body(limit, self.settings.body_timeout)
         started = time.perf_counter()
         response: UpstreamResponse
         try:
@@ -390,13 +406,20 @@ class Proxy:
             else:
                 # sock_read bounds the wait for the response headers; it is
                 # lifted once they arrive, so a stream never times out.
-                client_response = await self.session.request(
+                stalled: asyncio.Future[None] | None = None
+                if isinstance(data, AsyncIterator):
+                    stalled = asyncio.get_running_loop().create_future()
+                    data = _watched(data, stalled)
+                asking = self.session.request(
                     exchange.method,
                     self._url(target),
                     headers=headers,
                     data=data,
                     allow_redirects=False,
                     timeout=self._header_timeout,
+                )
+                client_response = await (
+                    _unless_stalled(asking, stalled) if stalled is not None else asking
                 )
                 connection = client_response.connection
                 if connection is not None and connection.protocol is not None:
@@ -405,6 +428,8 @@ class Proxy:
                 response = client_response
         except BodyTooLarge:
             raise _too_large(limit) from None
+        except BodyStalled:
+            raise self._stalled() from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamError(
                 504,
@@ -415,9 +440,15 @@ class Proxy:
         except (aiohttp.ClientError, OSError) as exc:
             if _caused_by(exc, BodyTooLarge):  # aiohttp wraps the body's own error
                 raise _too_large(limit) from None
+            if _caused_by(exc, BodyStalled):
+                raise self._stalled() from None
             raise UpstreamError(502, f"upstream failed: {type(exc).__name__}: {exc}") from None
         self.metrics.observe_upstream_latency(exchange.kind, time.perf_counter() - started)
         return response
+
+    def _stalled(self) -> UpstreamError:
+        wait = self.settings.body_timeout
+        return UpstreamError(408, f"the request body stalled: no bytes for {wait:g} s")
 
     async def _relay(
         self, exchange: Exchange, upstream: UpstreamResponse, first: bytes = b""
@@ -428,14 +459,14 @@ class Proxy:
             body = upstream.complete_body()
             if body is not None:  # all in already (a small answer): one write
                 upstream.release()
-                await exchange.respond(upstream.status, upstream.reason, headers, body)
+                await exchange.respond(upstream.status, _reason(upstream), headers, body)
                 return
         is_stream = upstream.content_type == "text/event-stream"
         if is_stream:
             self._streams.add(upstream)
         complete = False
         try:
-            await exchange.start(upstream.status, upstream.reason, headers)
+            await exchange.start(upstream.status, _reason(upstream), headers)
             if first:
                 await exchange.write(first)
             async for chunk in upstream.content.iter_any():
@@ -511,7 +542,11 @@ class Proxy:
         body: dict[str, Any] = {}
         length = request.content_length
         if request.body_exists and length is not None and length <= TRIGGER_BODY_PEEK:
-            data = await request.read()  # forwarded exactly as received
+            try:
+                async with asyncio.timeout(self.settings.body_timeout):
+                    data = await request.read()  # forwarded exactly as received
+            except TimeoutError:
+                raise self._stalled() from None
             body = _json_object(data)
         token = reducer.trigger_token(conv.snapshot) if conv is not None else None
         upstream = await self._send(exchange, target, data=data)
@@ -615,7 +650,7 @@ class Proxy:
         digest = merge.body_digest(upstream_tag, conv.snapshot, None)
         headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         upstream.release()
-        await exchange.respond(304, upstream.reason, headers, b"")
+        await exchange.respond(304, _reason(upstream), headers, b"")
 
     async def _merge_response(
         self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation, epoch: int
@@ -663,7 +698,7 @@ class Proxy:
         headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         conv.remember_served(digest, epoch)
         upstream.release()
-        await exchange.respond(upstream.status, upstream.reason, headers, out)
+        await exchange.respond(upstream.status, _reason(upstream), headers, out)
 
     # ---------------------------------------------------------- websocket
     async def _websocket(self, exchange: WebExchange, target: str) -> None:
@@ -682,7 +717,11 @@ class Proxy:
         try:
             async with asyncio.timeout(self.settings.response_timeout):
                 upstream_ws = await self.session.ws_connect(
-                    url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    autoping=False,
+                    max_msg_size=self.settings.max_ws_message,
                 )
         except aiohttp.WSServerHandshakeError as exc:
             raise UpstreamError(
@@ -695,7 +734,7 @@ class Proxy:
         client_ws = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
             autoping=False,
-            max_msg_size=0,
+            max_msg_size=self.settings.max_ws_message,
         )
         exchange.response = client_ws
         exchange.status = 101
@@ -711,6 +750,13 @@ class Proxy:
                     await dst.ping(msg.data)
                 elif msg.type == WSMsgType.PONG:
                     await dst.pong(msg.data)
+                elif msg.type == WSMsgType.ERROR:
+                    # A message over max_ws_message, or a protocol error: the
+                    # sender is told why (1009 for the size), the other side
+                    # that this end is going away.
+                    await src.close(code=getattr(msg.data, "code", WSCloseCode.INTERNAL_ERROR))
+                    await dst.close(code=WSCloseCode.GOING_AWAY)
+                    return
             await dst.close(code=src.close_code or 1000)
 
         tasks = [
@@ -759,9 +805,53 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
-async def _stream_body(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+class BodyStalled(Exception):
+    pass
+
+
+async def _watched(
+    body: AsyncIterator[bytes], stalled: asyncio.Future[None]
+) -> AsyncIterator[bytes]:
+    """The body, telling ``stalled`` if it stops arriving (aiohttp's client
+    would otherwise wait for the upstream's answer to a body it never sent)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except BodyStalled:
+        if not stalled.done():
+            stalled.set_result(None)
+        raise
+
+
+async def _unless_stalled(asking: Awaitable[Any], stalled: asyncio.Future[None]) -> Any:
+    request = asyncio.ensure_future(asking)
+    try:
+        await asyncio.wait([request, stalled], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        request.cancel()
+        raise
+    if not request.done():
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, BodyStalled):
+            await request
+        raise BodyStalled
+    stalled.cancel()
+    return request.result()
+
+
+async def _stream_body(request: web.Request, limit: int, idle: float) -> AsyncIterator[bytes]:
+    """The request body as it comes: at most ``limit`` bytes, none of its
+    reads waiting longer than ``idle`` seconds (nginx's client_body_timeout)."""
     size = 0
-    async for chunk in request.content.iter_any():
+    reader = request.content
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await reader.readany()
+        except TimeoutError:
+            raise BodyStalled from None
+        if not chunk:
+            return
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge

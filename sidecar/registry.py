@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import reducer
@@ -55,9 +56,21 @@ def _fingerprint(credentials: Mapping[str, str]) -> str:
     return hashlib.sha256(repr(sorted(credentials.items())).encode()).hexdigest()
 
 
+def client_credentials(headers: Mapping[str, str]) -> dict[str, str]:
+    """The credentials a client request carries to the upstream: not those
+    its ``Connection`` header names, which are hop-by-hop and never forwarded."""
+    values = (
+        headers.getall("Connection", ())
+        if isinstance(headers, CIMultiDictProxy | CIMultiDict)
+        else [headers.get("Connection", "")]
+    )
+    named = {token.strip().lower() for value in values for token in value.split(",")}
+    return {h: headers[h] for h in CREDENTIAL_HEADERS if h in headers and h.lower() not in named}
+
+
 def client_fingerprint(headers: Mapping[str, str]) -> str:
     """The fingerprint of the credentials a client request carries."""
-    return _fingerprint({h: headers[h] for h in CREDENTIAL_HEADERS if h in headers})
+    return _fingerprint(client_credentials(headers))
 
 
 class Conversation:
@@ -235,7 +248,7 @@ class Registry:
     def _credentials(self, client_headers: Mapping[str, str]) -> dict[str, str]:
         if self.settings.upstream_authorization:
             return {"Authorization": self.settings.upstream_authorization}
-        return {h: client_headers[h] for h in CREDENTIAL_HEADERS if h in client_headers}
+        return client_credentials(client_headers)
 
     async def ensure_live(self, conv: Conversation, timeout: float) -> bool:
         key = _SHARED if self.profile.shared_stream else conv.id

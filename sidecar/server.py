@@ -84,6 +84,8 @@ class Server:
             self._access,
             local_prefix=ADMIN_PREFIX if settings.admin_port is None else None,
             keepalive_timeout=settings.keepalive_timeout,
+            header_timeout=settings.header_timeout,
+            max_connections=settings.max_connections,
         )
         listening = await self.front.listen(settings.host, settings.port)
         self.port = listening.sockets[0].getsockname()[1]
