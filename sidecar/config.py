@@ -131,6 +131,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_subscriptions", int, "live upstream subscriptions at most", _count),
     Option("max_snapshots", int, "snapshots kept at most", _count),
     Option("merge_limit", int, "largest body merged, bytes", _count),
+    Option(
+        "max_merge_memory",
+        int,
+        "bytes of answers held for merging at once (503 beyond)",
+        _count,
+    ),
     Option("max_event_bytes", int, "largest SSE event kept, bytes", _count),
     Option("max_request_body", int, "largest request body forwarded, bytes", _count),
     Option("max_ws_message", int, "largest WebSocket message relayed, bytes", _count),
@@ -215,6 +221,7 @@ class Settings:
     max_subscriptions: int = 1000
     max_snapshots: int = 10000
     merge_limit: int = 32 * 1024 * 1024
+    max_merge_memory: int = 256 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
     max_request_body: int = 1024**3
     max_ws_message: int = 4 * 1024 * 1024

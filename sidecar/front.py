@@ -209,7 +209,7 @@ class _Connection(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         # The head being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -244,6 +244,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._parser = None  # it holds this protocol: a cycle once the connection is gone
         self.front._forget(self)
         if self.task is not None:
             self.task.cancel()
@@ -335,6 +336,8 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._refuse = False
         self._singletons_seen.clear()
+        if self._parser is None:
+            return None
         try:
             self._parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -369,7 +372,7 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._complete = True
         # Asked here: llhttp forgets the message's flags once it has returned.
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = self._parser is not None and self._parser.should_keep_alive()
 
     async def _serve(self, exchange: _Exchange, target: str, path: str) -> None:
         access_log = self.front.access_log
@@ -377,7 +380,12 @@ class _Connection(asyncio.Protocol):
         try:
             await self.front.proxy.handle_get(exchange, target, path)
         except asyncio.CancelledError:
-            raise  # the client left, or the drain at shutdown ran out of time
+            # The client left, or the drain at shutdown ran out of time. The
+            # task keeps this error, whose traceback holds this frame and so
+            # this connection: let go of the task, or the two form a cycle
+            # that keeps the answer's bytes alive until a full collection.
+            self.task = None
+            raise
         except Exception:  # the proxy answers its own faults: this is a bug
             log.exception("request failed in the front door", extra={"path": path})
             self.task = None
@@ -425,6 +433,7 @@ class _Connection(asyncio.Protocol):
         if data:
             protocol.data_received(data)
         self.transport = None
+        self._parser = None
 
 
 class _HandedOver(asyncio.Protocol):

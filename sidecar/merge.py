@@ -35,9 +35,9 @@ import orjson
 
 from .snapshot import Snapshot
 
-try:  # brotli is optional: without it, br bodies pass through unmerged
+try:  # a dependency; should an install lack it, br bodies pass through unmerged
     import brotli
-except ImportError:  # pragma: no cover - exercised only without the extra
+except ImportError:  # pragma: no cover
     brotli = None
 
 __all__ = [
@@ -226,29 +226,62 @@ def supported_encoding(content_encoding: str) -> bool:
 
 
 def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
-    """Undo one content coding; ``limit`` bounds the decoded size."""
+    """Undo one content coding; more than ``limit`` bytes out is a MergeError.
+
+    Decoding is incremental and bounded as the output grows: a small bomb
+    (a 195 KB brotli body that inflates to 1.5 GB) costs ``limit`` bytes at
+    most, never its full size. A gzip body of several members (RFC 1952
+    allows it) is decoded whole; a truncated body is an error, not a short
+    document.
+    """
     coding = content_encoding.strip().lower()
     if coding in ("", "identity"):
         return body
-    if coding in ("gzip", "x-gzip", "deflate"):
-        wbits = 16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS
+    if coding in ("gzip", "x-gzip"):
+        return _inflate(body, 16 + zlib.MAX_WBITS, limit, members=True)
+    if coding == "deflate":
         try:
-            d = zlib.decompressobj(wbits)
-            out = d.decompress(body, limit + 1)
-        except zlib.error:
-            if coding != "deflate":
-                raise
-            d = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send
-            out = d.decompress(body, limit + 1)
-        if len(out) > limit:
-            raise MergeError("decoded body exceeds the merge limit")
-        return out
+            return _inflate(body, zlib.MAX_WBITS, limit, members=False)
+        except zlib.error:  # raw deflate, as some servers send it
+            return _inflate(body, -zlib.MAX_WBITS, limit, members=False)
     if coding == "br" and brotli is not None:
-        out = brotli.decompress(body)
-        if len(out) > limit:
-            raise MergeError("decoded body exceeds the merge limit")
-        return bytes(out)
+        return _unbrotli(body, limit)
     raise MergeError(f"unsupported content coding {content_encoding!r}")
+
+
+def _too_large() -> MergeError:
+    return MergeError("decoded body exceeds the merge limit")
+
+
+def _inflate(body: bytes, wbits: int, limit: int, members: bool) -> bytes:
+    out = bytearray()
+    data = body
+    while True:
+        d = zlib.decompressobj(wbits)
+        out += d.decompress(data, limit + 1 - len(out))
+        if len(out) > limit or d.unconsumed_tail:
+            raise _too_large()
+        if not d.eof:
+            raise MergeError("truncated compressed body")
+        data = d.unused_data
+        if not members or not data.strip(b"\0"):
+            return bytes(out)  # (trailing zeros: padding some servers add)
+
+
+def _unbrotli(body: bytes, limit: int) -> bytes:
+    assert brotli is not None
+    d = brotli.Decompressor()
+    out = bytearray()
+    data = body
+    while True:
+        out += d.process(data, output_buffer_limit=limit + 1 - len(out))
+        data = b""
+        if len(out) > limit:
+            raise _too_large()
+        if d.is_finished():
+            return bytes(out)
+        if d.can_accept_more_data():
+            raise MergeError("truncated compressed body")
 
 
 def encode_body(body: bytes, content_encoding: str) -> bytes:

@@ -266,6 +266,7 @@ class Proxy:
         #: Upstream responses being relayed as SSE: ended on shutdown.
         self._streams: set[UpstreamResponse] = set()
         self._held = 0  # requests held by `Prefer: wait`
+        self._merging = 0  # bytes held by merges until their clients take them
         self.upstream = URL(settings.upstream)
         self._prefix = str(self.upstream.origin()) + self.upstream.raw_path.rstrip("/")
         self.via = "sidecar"
@@ -674,6 +675,30 @@ class Proxy:
             self.metrics.count_merge(skip)
             await self._relay(exchange, upstream)
             return
+        held = length if length is not None else limit
+        if self._merging + held > self.settings.max_merge_memory:
+            # Merged answers are held until the client has taken them: many
+            # large ones to slow clients would otherwise exhaust memory.
+            upstream.close()
+            self.metrics.count_merge("memory")
+            raise UpstreamError(
+                503, "too many large answers are being merged at once (max_merge_memory)"
+            )
+        self._merging += held
+        try:
+            await self._merge_held(exchange, upstream, conv, epoch, encoding, limit)
+        finally:
+            self._merging -= held
+
+    async def _merge_held(
+        self,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
+        conv: Conversation,
+        epoch: int,
+        encoding: str,
+        limit: int,
+    ) -> None:
         body = await _read_at_most(upstream, limit)
         if len(body) > limit:  # a chunked body larger than the limit
             self.metrics.count_merge("too_large")
@@ -698,6 +723,7 @@ class Proxy:
         headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         conv.remember_served(digest, epoch)
         upstream.release()
+        del body, decoded, merged  # only the answer is held while the client reads it
         await exchange.respond(upstream.status, _reason(upstream), headers, out)
 
     # ---------------------------------------------------------- websocket

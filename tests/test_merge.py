@@ -177,3 +177,27 @@ def test_without_an_upstream_tag_the_merged_tag_never_reaches_the_upstream() -> 
     assert tag == f'W/";sc={FAILED.digest}"'
     assert merge.translate_if_none_match(tag, {FAILED.digest}) is None
     assert merge.etag_digests(tag) == {FAILED.digest}
+
+
+def test_a_brotli_bomb_is_stopped_at_the_limit_not_inflated_whole() -> None:
+    bomb = brotli.compress(b"0" * 200_000_000, quality=11)  # about 80 bytes in
+    assert len(bomb) < 1000
+    with pytest.raises(merge.MergeError, match="merge limit"):
+        merge.decode_body(bomb, "br", 1_000_000)
+    gz = gzip.compress(b"0" * 200_000_000)
+    with pytest.raises(merge.MergeError, match="merge limit"):
+        merge.decode_body(gz, "gzip", 1_000_000)
+
+
+def test_a_gzip_body_of_several_members_is_decoded_whole() -> None:
+    body = gzip.compress(b'{"a": 1, ') + gzip.compress(b'"b": 2}')
+    assert merge.decode_body(body, "gzip", 10**6) == b'{"a": 1, "b": 2}'
+    merged = merge.merge(merge.decode_body(body, "gzip", 10**6), "session", FAILED)
+    assert json.loads(merged)["b"] == 2
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "deflate"])
+def test_a_truncated_body_is_not_a_short_document(coding: str) -> None:
+    whole = merge.encode_body(b'{"a": "' + b"x" * 5000 + b'"}', coding)
+    with pytest.raises(merge.MergeError):
+        merge.decode_body(whole[: len(whole) // 2], coding, 10**6)
