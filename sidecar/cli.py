@@ -20,6 +20,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from . import __version__
 from .config import OPTIONS, ConfigError, Settings, load_settings
 from .profile import Profile, ProfileError, load_profile
@@ -62,6 +64,19 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(client_faults_as_warnings)
+
+
+def client_faults_as_warnings(record: logging.LogRecord) -> bool:
+    """A malformed request is the client's fault, answered with a 400: one
+    warning line, not an error with the parser's traceback."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = f"malformed request refused: {exc.message.strip() or exc}"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:

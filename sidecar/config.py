@@ -185,6 +185,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("max_connections", int, "client connections open at once, at most", _count),
     Option(
+        "front_door",
+        bool,
+        "serve GETs with the lean HTTP/1.1 server (off: aiohttp's server answers everything)",
+    ),
+    Option(
         "keepalive_timeout",
         float,
         "seconds an idle client connection stays open (longer than a load balancer's)",
@@ -233,6 +238,7 @@ class Settings:
     header_timeout: float = 60.0
     body_timeout: float = 60.0
     max_connections: int = 10000
+    front_door: bool = True
     keepalive_timeout: float = 3630.0
     probe_interval: float = 5.0
     max_wait: float = 60.0

@@ -110,6 +110,7 @@ class Front:
         keepalive_timeout: float = 3630.0,
         header_timeout: float = 60.0,
         max_connections: int = 10000,
+        serve_gets: bool = True,
     ) -> None:
         """``hand_over`` makes aiohttp's protocol for a connection the front
         does not serve; paths under ``local_prefix`` are aiohttp's own routes;
@@ -121,6 +122,9 @@ class Front:
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        #: False: every connection goes to aiohttp at once (``front_door = false``),
+        #: still with this module's limits.
+        self.serve_gets = serve_gets
         self._sweep_every = min(_SWEEP_INTERVAL, keepalive_timeout / 2, header_timeout / 2)
         self.connections: set[_Connection] = set()
         #: Connections handed over to aiohttp and still open.
@@ -299,6 +303,9 @@ class _Connection(asyncio.Protocol):
             return
         if self.front.closing:
             self.close()
+            return
+        if not self.front.serve_gets:
+            self._hand_over()
             return
         if not buf.startswith(b"GET /"):
             if len(buf) >= 5 or not b"GET /".startswith(buf):

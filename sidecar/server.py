@@ -86,6 +86,7 @@ class Server:
             keepalive_timeout=settings.keepalive_timeout,
             header_timeout=settings.header_timeout,
             max_connections=settings.max_connections,
+            serve_gets=settings.front_door,
         )
         listening = await self.front.listen(settings.host, settings.port)
         self.port = listening.sockets[0].getsockname()[1]
