@@ -4,7 +4,10 @@
 #   docker build -t sidecar .
 #   docker run -p 8080:8080 -p 9901:9901 -e SIDECAR_UPSTREAM=http://gptme:5700 sidecar
 #
-# Every option is an environment variable (SIDECAR_*); see the README.
+# Every option is an environment variable (SIDECAR_*); see the README. The
+# admin port listens on every address (for the kubelet's probes) and, without
+# SIDECAR_ADMIN_TOKEN, serves only /healthz and /readyz: metrics and the
+# state API need the token.
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
@@ -21,7 +24,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SIDECAR_HOST=0.0.0.0 \
     SIDECAR_PORT=8080 \
-    SIDECAR_ADMIN_PORT=9901
+    SIDECAR_ADMIN_PORT=9901 \
+    SIDECAR_ADMIN_HOST=0.0.0.0
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl \

@@ -232,3 +232,45 @@ def test_the_wheel_carries_both_profiles(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
     )
     assert loaded.stdout.split() == ["<builtin", "opencode>", "True"], loaded.stderr
+
+
+def test_a_port_in_use_stops_start_up_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--upstream", "http://127.0.0.1:1", "--port", str(port), timeout=30)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sidecar: cannot start:"), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+async def test_a_malformed_request_is_one_warning_line(serve) -> None:
+    fake = FakeGptme("0.31.0")
+    upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    proc = await asyncio.create_subprocess_exec(
+        *SIDECAR, "--upstream", upstream, "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=clean,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
+        writer.close()
+        await asyncio.sleep(0.3)
+    finally:
+        proc.terminate()
+        out, _ = await proc.communicate()
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    refused = [line for line in lines if "malformed request" in line.get("event", "")]
+    assert [line["level"] for line in refused] == ["warning"], out.decode()
+    assert "Traceback" not in out.decode()

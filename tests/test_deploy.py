@@ -40,6 +40,11 @@ def test_kubernetes_native_sidecar_probes_ports_and_env_match_the_code() -> None
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         get = sidecar[probe]["httpGet"]
         assert get["port"] == "admin" and get["path"] in served
+    # Metrics and state are reachable on the pod's network only with a token
+    # from a Secret; the probes need none.
+    assert settings.admin_host == "0.0.0.0"
+    (token,) = [e for e in sidecar["env"] if e["name"] == "SIDECAR_ADMIN_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "sidecar-admin"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     pause = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
