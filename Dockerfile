@@ -32,8 +32,9 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl \
  && rm -rf /wheels
 USER 10001:10001
 EXPOSE 8080 9901
-# /healthz is on the admin port and never depends on the upstream.
+# /healthz is on the admin port (wherever SIDECAR_ADMIN_PORT puts it) and
+# never depends on the upstream.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SIDECAR_ADMIN_PORT', '9901'), timeout=2)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["sidecar"]

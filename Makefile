@@ -43,9 +43,8 @@ unit: $(STAMP) browser upstreams
 test: lint types unit
 
 # Benchmarks print ratios against baselines measured in the same run. They
-# need wrk and nginx (apt-get install -y wrk nginx); uvloop is installed here.
+# need wrk and nginx (apt-get install -y wrk nginx).
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[fast]'
 	$(BIN)/python bench/run.py
 
 soak: $(STAMP)

@@ -45,6 +45,7 @@ from .config import Settings
 from .metrics import Metrics
 from .profile import Profile
 from .registry import Registry
+from .snapshot import iso_time
 
 __all__ = ["Health", "add_admin_routes", "host_allowed", "probe_upstream", "serves_state"]
 
@@ -214,7 +215,7 @@ def add_admin_routes(
             "upstream": {
                 "url": settings.upstream,
                 "reachable": health.upstream_reachable,
-                "last_probe_at": health.last_probe_at,
+                "last_probe_at": iso_time(health.last_probe_at),
                 "error": health.last_probe_error,
             },
             "subscriptions": {

@@ -141,8 +141,14 @@ async def _stream(
         async with http.get(
             settings.upstream + path, headers={"Accept": "text/event-stream"}
         ) as resp:
-            if resp.status != 200 or resp.content_type != "text/event-stream":
-                report.bad(f"GET {path} -> {resp.status} {resp.content_type}: not an event stream")
+            if resp.status == 404:
+                report.bad(f"GET {path} -> not found (404): no such resource, or not this path")
+                return snap
+            if resp.status != 200:
+                report.bad(f"GET {path} -> {resp.status}: the upstream refused the stream")
+                return snap
+            if resp.content_type != "text/event-stream":
+                report.bad(f"GET {path} -> {resp.content_type}: not an event stream")
                 return snap
             report.ok(f"GET {path} is an event stream; listening for {seconds:g} s")
             deadline = asyncio.get_running_loop().time() + seconds

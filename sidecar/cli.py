@@ -2,7 +2,8 @@
 
     sidecar --upstream URL [--host H] [--port P] [options]   serve (the default)
     sidecar demo [--serve]                                   the built-in demo
-    sidecar config [options]                                 print the effective settings
+    sidecar config [options] [--example]                     the effective settings (TOML)
+    sidecar check --upstream URL [--id ID]                   check an upstream
 
 Every option of :data:`sidecar.config.OPTIONS` is a flag here, a ``SIDECAR_*``
 environment variable and a key of the ``--config`` TOML file.
@@ -18,12 +19,14 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import MISSING, fields
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
-from .config import OPTIONS, ConfigError, Settings, load_settings
+from .config import CHECK_OPTIONS, OPTIONS, ConfigError, Option, Settings, load_settings
 from .profile import Profile, ProfileError, load_profile
 
 #: The defaults the help shows: the ones Settings has, the only ones.
@@ -84,10 +87,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="sidecar",
         description="A reverse proxy that makes a stream-first server's events readable as state.",
     )
-    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"sidecar {__version__}")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the proxy (the default command)")
-    config = sub.add_parser("config", help="print the effective configuration, secrets masked")
+    config = sub.add_parser(
+        "config", help="print the effective configuration as TOML (secrets left out)"
+    )
+    config.add_argument(
+        "--example", action="store_true", help="print the commented example configuration file"
+    )
+    config.add_argument("--json", action="store_true", help="JSON instead, secrets masked")
     check = sub.add_parser(
         "check", help="check an upstream against the profile: endpoints, events, what is merged"
     )
@@ -95,22 +104,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--seconds", type=float, default=5.0, help="how long to listen to the stream"
     )
-    for p in (serve, config, check):
+    for p, names in ((serve, None), (config, None), (check, CHECK_OPTIONS)):
         p.add_argument(
-            "--config", metavar="FILE", help="a TOML file of options (or SIDECAR_CONFIG)"
+            "--config", metavar="FILE", help="a TOML file of options (env SIDECAR_CONFIG)"
         )
         for option in OPTIONS:
+            if names is not None and option.name not in names:
+                continue
             flag = "--" + option.name.replace("_", "-")
+            text = f"{option.help} ({_default_text(option)}; env {option.env})"
             if option.kind is bool:
                 p.add_argument(
-                    flag, dest=option.name, action=argparse.BooleanOptionalAction, help=option.help
+                    flag, dest=option.name, action=argparse.BooleanOptionalAction, help=text
                 )
             else:
                 p.add_argument(
-                    flag,
-                    dest=option.name,
-                    metavar=option.kind.__name__.upper(),
-                    help=f"{option.help} ({_default_text(option.name)})",
+                    flag, dest=option.name, metavar=option.kind.__name__.upper(), help=text
                 )
     demo = sub.add_parser(
         "demo", help="run the built-in demo: a fake gptme with the sidecar in front"
@@ -128,7 +137,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+    if not argv or (
+        argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "-V", "--version")
+    ):
         argv.insert(0, "serve")
     args = _parser().parse_args(argv)
     try:
@@ -139,10 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(run_demo(host=args.host, port=args.port, serve=args.serve))
             except KeyboardInterrupt:
                 return 0  # Ctrl-C ends `demo --serve`: that is how it is meant to stop
+        if args.command == "config" and args.example:
+            print(example_config(), end="")
+            return 0
         settings = _settings(args)
         profile = load_profile(settings.profile)
         if args.command == "config":
-            print(json.dumps({**settings.masked(), "profile_source": profile.source}, indent=2))
+            if args.json:
+                print(json.dumps({**settings.masked(), "profile_source": profile.source}, indent=2))
+            else:
+                print(settings_toml(settings, profile), end="")
             return 0
         if args.command == "check":
             from .check import run_check
@@ -156,9 +173,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(settings, profile)
 
 
-def _default_text(name: str) -> str:
-    default = _DEFAULTS.get(name, MISSING)
-    return "required" if default is MISSING else f"default: {default}"
+def _default_text(option: Option) -> str:
+    if option.computed is not None:
+        return f"default: {option.computed}"
+    default = _DEFAULTS.get(option.name, MISSING)
+    if default is MISSING:
+        return "required"
+    if default is None:
+        return "default: not set"
+    if isinstance(default, bool):
+        return f"default: {str(default).lower()}"
+    return f"default: {default}"
+
+
+def settings_toml(settings: Settings, profile: Profile) -> str:
+    """The effective settings as a TOML file that loads back to the same.
+
+    Computed defaults are written as computed; secrets and unset options are
+    comments.
+    """
+    lines = [
+        "# The effective settings (`sidecar config`); `sidecar --config FILE` loads them.",
+        f"# profile source: {profile.source}",
+        "",
+    ]
+    for option in OPTIONS:
+        value = getattr(settings, option.name)
+        if option.name == "stale_after" and value is None:
+            value = 3 * profile.heartbeat_seconds
+        if option.secret and value:
+            lines.append(f"# {option.name} = ... (set, not shown)")
+        elif value is None:
+            lines.append(f"# {option.name}: not set")
+        else:
+            lines.append(f"{option.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def example_config() -> str:
+    """The commented example configuration, as installed with the package."""
+    packaged = resources.files("sidecar") / "examples" / "sidecar.example.toml"
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parent.parent / "config" / "sidecar.example.toml"
+    return checkout.read_text(encoding="utf-8")
 
 
 def serve(settings: Settings, profile: Profile) -> int:

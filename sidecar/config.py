@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_settings"]
+__all__ = ["CHECK_OPTIONS", "OPTIONS", "ConfigError", "Option", "Settings", "load_settings"]
 
 ENV_PREFIX = "SIDECAR_"
 
@@ -75,6 +75,12 @@ class Option:
     help: str
     check: Callable[[Any], Any] | None = None
     secret: bool = False
+    #: How the help states a default that Settings computes (None there).
+    computed: str | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -86,8 +92,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "upstream_authorization",
         str,
-        "Authorization header for the sidecar's own subscriptions (default: the client's)",
+        "Authorization header for the sidecar's own subscriptions",
         secret=True,
+        computed="the client's",
     ),
     Option("connect_timeout", float, "seconds to connect to the upstream", _positive),
     Option(
@@ -105,8 +112,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "stale_after",
         float,
-        "seconds of stream silence taken as a dead connection (default: 3 heartbeats)",
+        "seconds of stream silence taken as a dead connection",
         _positive,
+        computed="3 heartbeats of the profile",
     ),
     Option(
         "stream_head_timeout",
@@ -202,6 +210,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", str, "debug, info, warning or error", _level),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
+#: What `sidecar check` reads: it connects, it does not serve.
+CHECK_OPTIONS = (
+    "upstream",
+    "profile",
+    "upstream_authorization",
+    "connect_timeout",
+    "max_event_bytes",
+)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,14 @@ _WEBSOCKET_DROP = frozenset(
 #: came) to learn the client's session id; larger ones just stream through.
 TRIGGER_BODY_PEEK = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMERGED_EVERY = 60.0  # seconds between two log lines for one reason
+_UNMERGED_WHY = {
+    "not_json": "the upstream's answer is not JSON",
+    "no_transform": "the upstream's answer says Cache-Control: no-transform",
+    "encoding": "the upstream's content coding cannot be decoded here",
+    "too_large": "the answer is larger than merge_limit",
+    "memory": "max_merge_memory is held by answers being merged",
+}
 
 
 class UpstreamError(Exception):
@@ -267,6 +275,7 @@ class Proxy:
         self._streams: set[UpstreamResponse] = set()
         self._held = 0  # requests held by `Prefer: wait`
         self._merging = 0  # bytes held by merges until their clients take them
+        self._unmerged_said: dict[str, float] = {}  # reason: when it was last logged
         self.upstream = URL(settings.upstream)
         self._prefix = str(self.upstream.origin()) + self.upstream.raw_path.rstrip("/")
         self.via = "sidecar"
@@ -662,8 +671,10 @@ class Proxy:
         limit = self.settings.merge_limit
         skip = None
         if upstream.status == 204:
-            skip = "not_2xx"
-        elif not _is_json(upstream.content_type):
+            self.metrics.count_merge("not_2xx")  # no body to merge into: nothing to say
+            await self._relay(exchange, upstream)
+            return
+        if not _is_json(upstream.content_type):
             skip = "not_json"
         elif "no-transform" in cache_control:
             skip = "no_transform"
@@ -672,7 +683,7 @@ class Proxy:
         elif length is not None and length > limit:
             skip = "too_large"
         if skip is not None:
-            self.metrics.count_merge(skip)
+            self._unmerged(skip, conv.id)
             await self._relay(exchange, upstream)
             return
         held = length if length is not None else limit
@@ -680,7 +691,7 @@ class Proxy:
             # Merged answers are held until the client has taken them: many
             # large ones to slow clients would otherwise exhaust memory.
             upstream.close()
-            self.metrics.count_merge("memory")
+            self._unmerged("memory", conv.id)
             raise UpstreamError(
                 503, "too many large answers are being merged at once (max_merge_memory)"
             )
@@ -701,7 +712,7 @@ class Proxy:
     ) -> None:
         body = await _read_at_most(upstream, limit)
         if len(body) > limit:  # a chunked body larger than the limit
-            self.metrics.count_merge("too_large")
+            self._unmerged("too_large", conv.id)
             await self._relay(exchange, upstream, first=body)
             return
         snap = conv.snapshot
@@ -710,8 +721,7 @@ class Proxy:
             merged = merge.merge(decoded, self.profile.key, snap)
             out = merge.encode_body(merged, encoding)
         except (merge.MergeError, OSError, ValueError) as exc:
-            log.info("body passed unmerged", extra={"reason": str(exc), "resource": conv.id})
-            self.metrics.count_merge("invalid")
+            self._unmerged("invalid", conv.id, str(exc))
             await self._relay(exchange, upstream, first=body)
             return
         self.metrics.count_merge("merged")
@@ -725,6 +735,24 @@ class Proxy:
         upstream.release()
         del body, decoded, merged  # only the answer is held while the client reads it
         await exchange.respond(upstream.status, _reason(upstream), headers, out)
+
+    def _unmerged(self, reason: str, resource: str, detail: str | None = None) -> None:
+        """A 2xx answer the client gets without the snapshot: counted, and
+        said in the log once per reason per minute (a metric alone is easy
+        to miss; a line per request would flood)."""
+        self.metrics.count_merge(reason)
+        now = time.monotonic()
+        if now - self._unmerged_said.get(reason, -UNMERGED_EVERY) >= UNMERGED_EVERY:
+            self._unmerged_said[reason] = now
+            log.warning(
+                "answer passed without the snapshot",
+                extra={
+                    "reason": reason,
+                    "why": detail or _UNMERGED_WHY.get(reason, reason),
+                    "resource": resource,
+                    "next_said_in_s": UNMERGED_EVERY,
+                },
+            )
 
     # ---------------------------------------------------------- websocket
     async def _websocket(self, exchange: WebExchange, target: str) -> None:

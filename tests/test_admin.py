@@ -35,7 +35,9 @@ async def test_refused_upstream_at_start_then_ready_once_it_answers(
     await asyncio.sleep(0.2)
     async with http.get(sc.url + "/_sidecar/readyz") as resp:
         assert resp.status == 503
-        assert "unreachable" in (await resp.json())["reason"]
+        body = await resp.json()
+        assert "unreachable" in body["reason"]
+        assert body["upstream"]["last_probe_at"].endswith("Z")  # ISO 8601, as every time
     await serve(FakeGptme().app, port=port)
 
     async def ready() -> bool:

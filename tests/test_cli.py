@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import aiohttp
 
+from sidecar.config import OPTIONS, load_settings
 from sidecar.fake import FakeGptme, Outcome
 
 SIDECAR = [sys.executable, "-m", "sidecar"]
@@ -107,6 +108,7 @@ def test_config_merges_file_env_and_flags_and_masks_secrets(tmp_path: Path) -> N
     config.write_text('upstream = "http://127.0.0.1:1"\nport = 9000\ntrigger_wait = 1\n')
     result = run(
         "config",
+        "--json",
         "--config",
         str(config),
         "--port",
@@ -192,85 +194,61 @@ def test_an_unknown_profile_name_lists_the_built_in_ones(tmp_path: Path) -> None
     assert "built-in: gptme, opencode" in result.stderr
 
 
-def test_the_wheel_carries_both_profiles(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--quiet",
-            "-w",
-            str(tmp_path),
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_help_states_each_default_once_with_its_environment_name() -> None:
+    result = run("serve", "--help", env={"COLUMNS": "400"})
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for option in OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        options = text.index("options:")
+        found = re.search(re.escape(flag) + "[ ,]", text[options:])
+        assert found is not None, flag
+        start = options + found.start()
+        described = text[start : text.index(option.env, start)]
+        assert described.count("default:") + described.count("required") == 1, described
+        assert option.env in text
+    assert "(default: false; env SIDECAR_ACCESS_LOG)" in text
+    assert "(default: 3 heartbeats of the profile; env SIDECAR_STALE_AFTER)" in text
+
+
+def test_version_and_check_options() -> None:
+    assert run("-V").stdout.strip() == run("--version").stdout.strip() != ""
+    check = run("check", "--help").stdout
+    assert "--upstream" in check and "--id" in check
+    assert "--admin-port" not in check and "--max-held" not in check
+
+
+def test_config_prints_toml_that_loads_back_unchanged(tmp_path: Path) -> None:
+    result = run(
+        "config", "--upstream", "http://127.0.0.1:1", "--profile", "opencode", "--port", "9100"
     )
-    assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        archive.extractall(tmp_path / "site")
-    assert {"sidecar/profiles/gptme.toml", "sidecar/profiles/opencode.toml"} <= names
-    # Loaded from the installed package, from a directory with no checkout.
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from sidecar.profile import load_profile as p; "
-            "print(p('opencode').source, p('opencode').id_is_session)",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=elsewhere,
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    assert result.returncode == 0, result.stderr
+    saved = tmp_path / "effective.toml"
+    saved.write_text(result.stdout)
+    assert "stale_after = 30.0" in result.stdout  # the computed default, shown as such
+    again = run("config", "--config", str(saved))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == result.stdout
+    loaded = load_settings(config_file=str(saved), env={})
+    assert (loaded.port, loaded.profile, loaded.stale_after) == (9100, "opencode", 30.0)
+
+
+def test_config_example_prints_the_example_file() -> None:
+    result = run("config", "--example")
+    assert result.returncode == 0
+    assert "admin_port = 9901" in result.stdout
+    assert (
+        result.stdout
+        == (Path(__file__).resolve().parent.parent / "config" / "sidecar.example.toml").read_text()
     )
-    assert loaded.stdout.split() == ["<builtin", "opencode>", "True"], loaded.stderr
 
 
-def test_a_port_in_use_stops_start_up_with_one_line() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = run("--upstream", "http://127.0.0.1:1", "--port", str(port), timeout=30)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sidecar: cannot start:"), result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-
-
-async def test_a_malformed_request_is_one_warning_line(serve) -> None:
-    fake = FakeGptme("0.31.0")
-    upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    proc = await asyncio.create_subprocess_exec(
-        *SIDECAR, "--upstream", upstream, "--port", str(port),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=clean,
-    )  # fmt: skip
-    try:
-        for _ in range(100):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
-        assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
-        writer.close()
-        await asyncio.sleep(0.3)
-    finally:
-        proc.terminate()
-        out, _ = await proc.communicate()
-    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-    refused = [line for line in lines if "malformed request" in line.get("event", "")]
-    assert [line["level"] for line in refused] == ["warning"], out.decode()
-    assert "Traceback" not in out.decode()
+def test_conflicting_options_are_refused_with_one_line() -> None:
+    for args, words in (
+        (["--port", "9000", "--admin-port", "9000"], "admin_port: must differ from port"),
+        (["--reconnect-min", "5", "--reconnect-max", "1"], "reconnect_min"),
+    ):
+        result = run("--upstream", "http://127.0.0.1:1", *args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], result.stderr

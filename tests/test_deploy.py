@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from sidecar.app import create_admin_app, create_app
@@ -47,9 +53,49 @@ def test_kubernetes_native_sidecar_probes_ports_and_env_match_the_code() -> None
     assert token["valueFrom"]["secretKeyRef"]["name"] == "sidecar-admin"
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    pause = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pause + settings.shutdown_grace < pod["terminationGracePeriodSeconds"]
     assert settings.upstream.startswith("http://127.0.0.1:")  # same pod: loopback
+
+
+#: The main container's own stop, after its preStop: gptme's server exits at once.
+MAIN_STOP_BUDGET = 5
+
+
+def test_kubernetes_shutdown_order_and_timings_add_up() -> None:
+    pod = kubernetes()["spec"]["template"]["spec"]
+    (sidecar,) = pod["initContainers"]
+    (main,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    settings = load_settings(env=env)
+    # Native sidecars get SIGTERM only after the main containers have
+    # stopped: the main container is the one that waits for the endpoints.
+    drain = main["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert drain >= 5
+    assert "lifecycle" not in sidecar  # nothing to wait for: it stops last
+    total = drain + MAIN_STOP_BUDGET + settings.shutdown_grace
+    assert total < pod["terminationGracePeriodSeconds"]
+    docs = list(yaml.safe_load_all((ROOT / "config/kubernetes.yaml").read_text()))
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == settings.port  # a number: it resolves on every version
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.32.0", "1.35.0", "1.37.0"])
+def test_kubernetes_manifest_is_valid_on_the_versions_it_names(version: str) -> None:
+    for doc in yaml.safe_load_all((ROOT / "config/kubernetes.yaml").read_text()):
+        kubernetes_validate.validate(doc, version, strict=True)
+    text = (ROOT / "config/kubernetes.yaml").read_text()
+    assert "Kubernetes 1.30 and newer" in text
+
+
+def test_the_manifest_is_refused_where_it_would_not_work() -> None:
+    # 1.28 has no preStop sleep: the validator does catch what this file needs.
+    (deployment,) = [
+        d
+        for d in yaml.safe_load_all((ROOT / "config/kubernetes.yaml").read_text())
+        if d["kind"] == "Deployment"
+    ]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.28.0", strict=True)
 
 
 def test_compose_env_is_valid_and_stop_grace_fits() -> None:
@@ -68,9 +114,12 @@ def test_dockerfile_env_healthcheck_and_ports_match_the_code() -> None:
     env = dict(re.findall(r"(SIDECAR_[A-Z_]+)=(\S+)", text))
     assert set(env) <= OPTION_ENV
     settings = load_settings(env={**env, "SIDECAR_UPSTREAM": "http://127.0.0.1:1"})
-    health = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", text)
+    health = re.search(r"HEALTHCHECK .*\n\s*CMD (\[.*\])", text)
     assert health is not None
-    assert int(health.group(1)) == settings.admin_port and health.group(2) in admin_paths()
+    probe = " ".join(json.loads(health.group(1)))
+    # It follows the admin port setting, with the image's own as the fallback.
+    assert "os.environ.get('SIDECAR_ADMIN_PORT', '9901')" in probe
+    assert settings.admin_port == 9901 and "/healthz" in probe and "/healthz" in admin_paths()
     assert f"EXPOSE {settings.port} {settings.admin_port}" in text
     assert "USER 10001" in text and 'ENTRYPOINT ["sidecar"]' in text
 
@@ -88,3 +137,20 @@ def test_the_lock_file_pins_every_runtime_dependency() -> None:
     for requirement in wanted:
         name = re.split(r"[<>=\[ ]", requirement)[0].lower().replace("_", "-")
         assert re.search(rf"^{re.escape(name)}==\S+$", lock, re.M), name
+
+
+async def test_the_container_health_check_follows_the_admin_port(start_sidecar) -> None:
+    sc = await start_sidecar("http://127.0.0.1:9", admin_port=0)
+    text = (ROOT / "Dockerfile").read_text()
+    health = re.search(r"HEALTHCHECK .*\n\s*CMD (\[.*\])", text)
+    assert health is not None
+    argv = json.loads(health.group(1))
+    assert argv[:2] == ["python", "-c"]
+    env = {**os.environ, "SIDECAR_ADMIN_PORT": str(sc.server.admin_port)}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", argv[2], env=env)
+    assert await proc.wait() == 0
+    env["SIDECAR_ADMIN_PORT"] = "9"  # nothing there: the check fails
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", argv[2], env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    assert await proc.wait() != 0

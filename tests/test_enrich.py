@@ -222,3 +222,24 @@ async def test_eviction_forgets_the_least_recently_read(gptme, http) -> None:
     await g.get("a")  # read again: now the most recent
     await g.create("d")
     assert {c.id for c in g.sidecar.registry.conversations()} == {"a", "c", "d"}
+
+
+async def test_an_answer_passed_without_the_snapshot_is_said_once_a_minute(
+    serve, start_sidecar, http, caplog
+) -> None:
+    from aiohttp import web
+
+    async def conv(request: web.Request) -> web.Response:
+        return web.Response(text="plain text", content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/api/v2/conversations/{id}", conv)
+    app.router.add_get("/api/v2/conversations/{id}/events", conv)
+    upstream = await serve(app)
+    sc = await start_sidecar(str(upstream.make_url("")).rstrip("/"))
+    caplog.set_level("WARNING", logger="sidecar.proxy")
+    for _ in range(5):
+        async with http.get(sc.url + "/api/v2/conversations/txt") as resp:
+            assert await resp.text() == "plain text"
+    said = [r for r in caplog.records if r.getMessage() == "answer passed without the snapshot"]
+    assert len(said) == 1 and said[0].reason == "not_json"

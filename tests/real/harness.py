@@ -120,13 +120,14 @@ class Poller:
         self.upstream_errors = 0
 
     async def body(self, resource_id: str) -> dict[str, Any]:
-        for _ in range(10):
+        for _ in range(100):
             async with self.http.get(self.url(resource_id), headers=self.headers) as resp:
                 text = await resp.text()
             if resp.status >= 500 and '"source":"sidecar"' not in text:
-                # gptme 0.31.0 answers some concurrent GETs with an HTML 500
-                # (its requests race on a workspace symlink): passed through
-                # as it came, and a poller asks again, as a real one would.
+                # gptme 0.31.0 answers some GETs with an HTML 500: under
+                # concurrent GETs, and for a while during an auto-confirmed
+                # tool run ("ChatConfig has no logdir set"). Passed through as
+                # it came; a poller asks again, as a real one would.
                 self.upstream_errors += 1
                 await asyncio.sleep(0.05)
                 continue
