@@ -25,8 +25,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_HOST=0.0.0.0 \
     SIDECAR_PORT=8080 \
     SIDECAR_ADMIN_PORT=9901 \
-    SIDECAR_ADMIN_HOST=0.0.0.0
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
+    SIDECAR_ADMIN_HOST=0.0.0.0 \
+    SIDECAR_STORE=sqlite:/var/lib/sidecar/state.db
+# Snapshots outlive a restart in this volume (a Kubernetes emptyDir survives
+# container restarts within the pod).
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar \
+ && mkdir -p /var/lib/sidecar && chown 10001:10001 /var/lib/sidecar
+VOLUME /var/lib/sidecar
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/*.whl \
  && rm -rf /wheels

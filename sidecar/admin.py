@@ -218,6 +218,7 @@ def add_admin_routes(
                 "last_probe_at": iso_time(health.last_probe_at),
                 "error": health.last_probe_error,
             },
+            "store": {"kind": registry().store.kind, "degraded": registry().store.degraded},
             "subscriptions": {
                 state: sum(1 for s in subs if s.stream == state)
                 for state in ("connecting", "live", "reconnecting", "lost")

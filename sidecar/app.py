@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,6 +14,7 @@ from .metrics import Metrics
 from .profile import Profile, load_profile
 from .proxy import Proxy
 from .registry import Registry
+from .store import open_store
 
 __all__ = ["HEALTH", "METRICS", "PROXY", "REGISTRY", "SETTINGS", "create_admin_app", "create_app"]
 
@@ -46,10 +48,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     profile = app[PROFILE]
     # Two pools: proxied requests, and the sidecar's own long-lived streams.
+    store = open_store(settings.store, settings.upstream, settings.store_flush, settings.retention)
     requests = _client_session(settings)
     streams = _client_session(settings)
-    registry = Registry(profile, settings, streams)
+    registry = Registry(profile, settings, streams, store)
     app[REGISTRY] = registry
+    registry.restore()
     app[METRICS].watch(registry)
     app[PROXY] = Proxy(settings, profile, registry, requests, app[METRICS])
     probe = probe_upstream(app[HEALTH], settings, profile, requests)
@@ -60,6 +64,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         await probe.aclose()
         app[PROXY].close()
         await registry.close()
+        await asyncio.get_running_loop().run_in_executor(None, store.close)
         await requests.close()
         await streams.close()
 

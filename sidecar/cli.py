@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from . import __version__
 from .config import CHECK_OPTIONS, OPTIONS, ConfigError, Option, Settings, load_settings
 from .profile import Profile, ProfileError, load_profile
+from .store import StoreInUse, StoreTooNew
 
 #: The defaults the help shows: the ones Settings has, the only ones.
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
@@ -240,6 +241,9 @@ def serve(settings: Settings, profile: Profile) -> int:
         runner = uvloop.run
     try:
         return int(runner(run(settings, profile)))
+    except (StoreInUse, StoreTooNew) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         # Start-up failures (port in use, an address not on this host, no
         # permission): one line, no traceback.

@@ -62,6 +62,12 @@ def _names(value: str) -> str:
     return ",".join(names)
 
 
+def _store(value: str) -> str:
+    if value in ("memory", "sqlite") or (value.startswith("sqlite:") and len(value) > 7):
+        return value
+    raise ValueError("must be memory, sqlite (the default file) or sqlite:PATH")
+
+
 def _level(value: str) -> str:
     if value.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be debug, info, warning or error")
@@ -138,6 +144,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("reconnect_max", float, "reconnect delay cap, seconds", _positive),
     Option("max_subscriptions", int, "live upstream subscriptions at most", _count),
     Option("max_snapshots", int, "snapshots kept at most", _count),
+    Option(
+        "store",
+        str,
+        "where snapshots outlive a restart: memory, sqlite (one file per upstream under "
+        "$XDG_STATE_HOME/sidecar) or sqlite:PATH",
+        _store,
+    ),
+    Option("store_flush", float, "seconds between writes of the store (coalesced)", _positive),
+    Option(
+        "retention",
+        float,
+        "seconds a finished conversation's snapshot is kept in the store",
+        _positive,
+    ),
     Option("merge_limit", int, "largest body merged, bytes", _count),
     Option(
         "max_merge_memory",
@@ -241,6 +261,9 @@ class Settings:
     reconnect_max: float = 30.0
     max_subscriptions: int = 1000
     max_snapshots: int = 10000
+    store: str = "sqlite"
+    store_flush: float = 0.1
+    retention: float = 7 * 24 * 3600.0
     merge_limit: int = 32 * 1024 * 1024
     max_merge_memory: int = 256 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024

@@ -169,6 +169,11 @@ class _RegistryCollector(Collector):
             "Time since any snapshot last changed.",
             min(ages, default=0.0),
         )
+        yield _gauge(
+            "sidecar_store_degraded",
+            "1 when the snapshot store cannot be used and snapshots live in memory only.",
+            1.0 if reg.store.degraded else 0.0,
+        )
         yield _counter(
             "sidecar_reconnects_total",
             "Times an upstream event stream was opened again after it ended.",

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -37,8 +37,9 @@ from yarl import URL
 from . import reducer
 from .config import Settings
 from .profile import Profile, Trigger
-from .snapshot import Snapshot
+from .snapshot import ACTIVE, Snapshot
 from .sse import ServerSentEvent
+from .store import MemoryStore, Record, Store
 from .subscription import CREDENTIAL_HEADERS, Backoff, Subscription
 
 __all__ = ["Conversation", "Registry"]
@@ -78,6 +79,7 @@ class Conversation:
 
     __slots__ = (
         "_changed",
+        "_persist",
         "authorised",
         "epoch",
         "evidence_timer",
@@ -91,8 +93,15 @@ class Conversation:
         "transitions",
     )
 
-    def __init__(self, resource_id: str, is_session: bool = False) -> None:
+    def __init__(
+        self,
+        resource_id: str,
+        is_session: bool = False,
+        persist: Callable[[Conversation], None] | None = None,
+    ) -> None:
         self.id = resource_id
+        #: Called when a lasting field changes (the store keeps it).
+        self._persist = persist
         self.snapshot = Snapshot(session_id=resource_id if is_session else None)
         self.subscription: Subscription | None = None
         self.last_used = time.monotonic()
@@ -166,6 +175,8 @@ class Conversation:
                 del self.transitions[0]
         self.snapshot = snapshot
         self.changed()
+        if self._persist is not None and _lasting(snapshot) != _lasting(before):
+            self._persist(self)
 
     async def wait_changed(self, timeout: float) -> bool:
         """Wait until the snapshot or the resource's body changes; False on timeout."""
@@ -179,13 +190,27 @@ class Conversation:
         return True
 
 
+def _lasting(snap: Snapshot) -> tuple[Any, ...]:
+    """What the store keeps of a snapshot (its stream is of this process only)."""
+    return (snap.status, snap.last_error, snap.pending_tools, snap.session_id, snap.retry)
+
+
+#: Statuses that wait for a human: their conversations are watched again at start.
+WAITING = frozenset({"awaiting_tool", "awaiting_input"})
+
+
 class Registry:
     def __init__(
-        self, profile: Profile, settings: Settings, session: aiohttp.ClientSession
+        self,
+        profile: Profile,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        store: Store | None = None,
     ) -> None:
         self.profile = profile
         self.settings = settings
         self._session = session
+        self.store = store if store is not None else MemoryStore()
         self._upstream = URL(settings.upstream)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._subscriptions: OrderedDict[str, Subscription] = OrderedDict()
@@ -322,12 +347,93 @@ class Registry:
                 "the event stream was lost mid-step; once it was "
                 f"back, the upstream showed no sign of the step within {wait:g} s",
             )
+        elif stream == "live" and conv.timer_kind == "restart":
+            wait = self.settings.confirm_timeout
+            self._arm(
+                conv,
+                wait,
+                "confirm",
+                "the sidecar restarted mid-step; once its stream was back, the upstream "
+                f"showed no sign of the step within {wait:g} s",
+            )
+
+    # ------------------------------------------------------------- store
+    def _persist(self, conv: Conversation) -> None:
+        sub = conv.subscription
+        snap = conv.snapshot
+        self.store.save(
+            Record(
+                resource_id=conv.id,
+                snapshot={
+                    "status": snap.status,
+                    "last_error": snap.last_error,
+                    "pending_tools": [list(t) for t in snap.pending_tools],
+                    "session_id": snap.session_id,
+                    "retry": snap.retry,
+                    "updated_at": snap.updated_at,
+                    "version": snap.version,
+                    "state_seq": snap.state_seq,
+                },
+                transitions=list(conv.transitions),
+                last_event_id=(sub.decoder.last_event_id or None) if sub is not None else None,
+            )
+        )
+
+    def restore(self) -> int:
+        """At start: every kept snapshot, as it was, its stream ``connecting``.
+
+        Work in flight and conversations waiting for a human are watched again
+        now, not at their first read (with ``upstream_authorization``, or no
+        credentials: a client's are never kept). Work in flight must then show
+        an event within ``confirm_timeout`` of its stream being back, or it
+        ends failed: ``generating: true`` never outlives the evidence for it.
+        """
+        records = self.store.load()
+        for record in records[-self.settings.max_snapshots :]:
+            fields = record.snapshot
+            snap = Snapshot(
+                status=str(fields.get("status", "unknown")),
+                last_error=fields.get("last_error"),
+                pending_tools=tuple((str(k), v) for k, v in fields.get("pending_tools") or ()),
+                session_id=fields.get("session_id"),
+                retry=fields.get("retry"),
+                stream="connecting",
+                updated_at=fields.get("updated_at"),
+                version=int(fields.get("version") or 0),
+                state_seq=int(fields.get("state_seq") or 0),
+            )
+            conv = Conversation(record.resource_id, self.profile.id_is_session, self._persist)
+            conv.snapshot = snap
+            conv.transitions = list(record.transitions)[-TRANSITIONS_KEPT:]
+            self._conversations[record.resource_id] = conv
+            if snap.status not in ACTIVE and snap.status not in WAITING:
+                continue
+            key = _SHARED if self.profile.shared_stream else conv.id
+            sub = self._subscriptions.get(key)
+            if sub is None:
+                credentials = self._credentials({})
+                sub = self._open(key, credentials, last_event_id=record.last_event_id)
+            if sub is None:
+                continue
+            conv.subscription = sub
+            if snap.status in ACTIVE:
+                wait = self.stale_after
+                self._arm(
+                    conv,
+                    wait,
+                    "restart",
+                    f"the sidecar restarted mid-step and the upstream's stream did not come "
+                    f"back within {wait:g} s",
+                )
+        if records:
+            log.info("snapshots restored", extra={"count": len(records), "store": self.store.kind})
+        return len(records)
 
     def _remember(self, resource_id: str, touch: bool = True) -> Conversation:
         """The conversation, made if new; ``touch``: it was just read (LRU)."""
         conv = self._conversations.get(resource_id)
         if conv is None:
-            conv = Conversation(resource_id, self.profile.id_is_session)
+            conv = Conversation(resource_id, self.profile.id_is_session, self._persist)
             self._conversations[resource_id] = conv
             self._evict_snapshots()
         elif touch:
@@ -350,8 +456,11 @@ class Registry:
                 continue
             del conversations[resource_id]
             self._retire(resource_id)
+            self.store.forget(resource_id)
 
-    def _open(self, key: str, credentials: dict[str, str]) -> Subscription | None:
+    def _open(
+        self, key: str, credentials: dict[str, str], last_event_id: str | None = None
+    ) -> Subscription | None:
         if len(self._subscriptions) >= self.settings.max_subscriptions and not self._make_room():
             log.warning("subscription cap reached", extra={"cap": self.settings.max_subscriptions})
             return None
@@ -370,6 +479,8 @@ class Registry:
             max_event_bytes=self.settings.max_event_bytes,
         )
         sub.fingerprint = _fingerprint(credentials)
+        if last_event_id:
+            sub.decoder.last_event_id = last_event_id  # resumed where the last process was
         self._subscriptions[key] = sub
         sub.start()
         return sub

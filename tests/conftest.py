@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -20,6 +22,10 @@ from sidecar.server import Server
 from .real import servers
 
 Start = Callable[..., Awaitable[TestServer]]
+
+# Sidecar processes the tests start keep their default store (a SQLite file
+# per upstream under $XDG_STATE_HOME) in a directory of this run's own.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="sidecar-tests-state-")
 
 
 @pytest.fixture
@@ -67,6 +73,7 @@ async def start_sidecar() -> AsyncIterator[Callable[..., Awaitable[Sidecar]]]:
                 "port": 0,
                 "reconnect_min": 0.05,
                 "reconnect_max": 0.2,
+                "store": "memory",
                 **overrides,
             }
         )

@@ -54,6 +54,11 @@ def test_kubernetes_native_sidecar_probes_ports_and_env_match_the_code() -> None
     assert sidecar["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert settings.upstream.startswith("http://127.0.0.1:")  # same pod: loopback
+    # The store lives on the pod's emptyDir: it survives container restarts.
+    (mount,) = sidecar["volumeMounts"]
+    assert settings.store == f"sqlite:{mount['mountPath']}/state.db"
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
 
 
 #: The main container's own stop, after its preStop: gptme's server exits at once.
@@ -122,6 +127,8 @@ def test_dockerfile_env_healthcheck_and_ports_match_the_code() -> None:
     assert settings.admin_port == 9901 and "/healthz" in probe and "/healthz" in admin_paths()
     assert f"EXPOSE {settings.port} {settings.admin_port}" in text
     assert "USER 10001" in text and 'ENTRYPOINT ["sidecar"]' in text
+    assert settings.store == "sqlite:/var/lib/sidecar/state.db"
+    assert "VOLUME /var/lib/sidecar" in text and "chown 10001:10001 /var/lib/sidecar" in text
 
 
 def test_the_example_config_file_loads(tmp_path: Path) -> None:

@@ -176,7 +176,13 @@ class Pair:
         upstream = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
         for front_door in (True, False):
             server = Server(
-                Settings(upstream=upstream, port=0, front_door=front_door, reconnect_min=5)
+                Settings(
+                    upstream=upstream,
+                    port=0,
+                    front_door=front_door,
+                    reconnect_min=5,
+                    store="memory",
+                )
             )
             await server.start()
             self.servers.append(server)

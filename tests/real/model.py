@@ -29,6 +29,7 @@ __all__ = ["SCENARIOS", "FakeModel"]
 SCENARIOS = {
     "ok": "a short answer, five tokens",
     "slow": "a long answer, one token every 0.2 s for 12 s",
+    "medium": "an answer of 20 tokens, one every 0.2 s (4 s)",
     "401": "HTTP 401 invalid_api_key",
     "500": "HTTP 500 every time",
     "429": "HTTP 429 every time",
@@ -125,8 +126,8 @@ class FakeModel:
                 return await self._answer(request, body, [], tool_call=call)
             tokens = ["I will run it.\n\n", "```shell\n", command + "\n", "```\n"]
             return await self._answer(request, body, tokens)
-        if name == "slow":
-            tokens = [f"word{i} " for i in range(60)]
+        if name in ("slow", "medium"):
+            tokens = [f"word{i} " for i in range(60 if name == "slow" else 20)]
             return await self._answer(request, body, tokens, pace=0.2)
         return await self._answer(request, body, ["Hello ", "from ", "the ", "fake ", "model."])
 
