@@ -8,6 +8,7 @@ measures with wrk: requests per second, p50 and p99 for a plain proxied GET
 and the enrich GET, at 2 KiB, 64 KiB and 1 MiB. Then: events per second one
 sidecar ingests while serving polls, event-to-visible latency, resident
 memory per idle subscription at 2,000 subscriptions, and the merge alone.
+Last, the SQLite store on and off: the enrich GET and ingest, alternately.
 Every figure is printed with its baseline from the same run and the target.
 """
 
@@ -279,7 +280,9 @@ def main() -> int:
                 NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
             )
             procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
-            sidecar_proc = procs.start_sidecar(up_port, sc_port)
+            sidecar_proc = procs.start_sidecar(
+                up_port, sc_port, "--store", f"sqlite:{tmp / 'state.db'}"
+            )
             wait_port(nx_port)
             wait_port(sc_port)
             direct = f"http://127.0.0.1:{up_port}"
@@ -337,6 +340,26 @@ def main() -> int:
                 ingest(sidecar, direct, args.duration, args.connections)
             )
             p50, p99 = asyncio.run(latency(sidecar, direct, args.latency_samples))
+            # The store: the same measures with it on (the sidecar above, its
+            # SQLite file) and off (one with --store memory), alternately.
+            mem_port = free_port()
+            procs.start_sidecar(up_port, mem_port, "--store", "memory")
+            wait_port(mem_port)
+            in_memory = f"http://127.0.0.1:{mem_port}"
+            for cid in SIZES:
+                subprocess.run(
+                    ["curl", "-s", "-o", "/dev/null", f"{in_memory}/api/v2/conversations/{cid}"],
+                    check=False,
+                )
+            time.sleep(0.5)
+            store_rows: list[tuple[str, float, float]] = []
+            for cid in ("c2k", "c64k"):
+                path = f"/api/v2/conversations/{cid}"
+                on = wrk(sidecar + path, args.duration, args.connections)[0]
+                off = wrk(in_memory + path, args.duration, args.connections)[0]
+                store_rows.append((f"enrich GET {LABELS[cid]} req/s", on, off))
+            ingest_off, _ = asyncio.run(ingest(in_memory, direct, args.duration, args.connections))
+            store_rows.append(("ingest with polls running, ev/s", events_per_s, ingest_off))
             # Memory in a sidecar of its own: see idle_memory.
             sidecar_proc.terminate()
             sidecar_proc.wait(10)
@@ -418,6 +441,11 @@ def main() -> int:
     for name, value, target, ok in rows:
         mark = "" if not target else ("  ok" if ok else "  MISSED")
         print(f"{name:<47} | {value:>13} | {target}{mark}")
+    print()
+    print("the store (same run, alternately)     | SQLite on  | memory     | on / off")
+    print("-" * 78)
+    for name, on, off in store_rows:
+        print(f"{name:<37} | {on:>10,.0f} | {off:>10,.0f} | {on / off:.2f}")
     return 0
 
 
