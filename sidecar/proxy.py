@@ -74,6 +74,7 @@ _WEBSOCKET_DROP = frozenset(
 TRIGGER_BODY_PEEK = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMERGED_EVERY = 60.0  # seconds between two log lines for one reason
+LARGE_ANSWER = 128 * 1024  # glibc's default mmap threshold
 _UNMERGED_WHY = {
     "not_json": "the upstream's answer is not JSON",
     "no_transform": "the upstream's answer says Cache-Control: no-transform",
@@ -168,9 +169,9 @@ def response_headers(upstream: UpstreamResponse, version: Any, via: str) -> CIMu
 
 def _reason(upstream: UpstreamResponse) -> str | None:
     """The upstream's reason phrase if it is one a client can be sent
-    (visible ASCII, spaces, tabs), else None: the standard phrase is used."""
+    (visible ASCII and spaces), else None: the standard phrase is used."""
     reason = upstream.reason
-    if reason is None or all(" " <= c <= "~" or c == "\t" for c in reason):
+    if reason is None or (reason.isascii() and reason.isprintable()):
         return reason
     return None
 
@@ -276,6 +277,8 @@ class Proxy:
         self._held = 0  # requests held by `Prefer: wait`
         self._merging = 0  # bytes held by merges until their clients take them
         self._unmerged_said: dict[str, float] = {}  # reason: when it was last logged
+        #: Answers of LARGE_ANSWER bytes or more finished (see server.HeapTrimmer).
+        self.large_answers = 0
         self.upstream = URL(settings.upstream)
         self._prefix = str(self.upstream.origin()) + self.upstream.raw_path.rstrip("/")
         self.via = "sidecar"
@@ -340,7 +343,13 @@ class Proxy:
             return self._enrich(exchange, target, resource_id)
         if exchange.method == "POST" and path == self.profile.create_path:
             return self._create(exchange, target)
-        return self._pass(exchange, target, self.profile.match_resource(path))
+        # Which resource a passed-through request is for: only the stream's
+        # path for a GET (a client's own SSE), any of its paths otherwise.
+        if exchange.method == "GET":
+            resource_id = self.profile.stream.match(path) if self.profile.stream.has_id else None
+        else:
+            resource_id = self.profile.match_resource(path)
+        return self._pass(exchange, target, resource_id)
 
     async def serve(self, exchange: Exchange, path: str, work: Awaitable[None]) -> None:
         """Run one exchange's work; every failure becomes a clear answer, then a metric."""
@@ -469,7 +478,11 @@ class Proxy:
             body = upstream.complete_body()
             if body is not None:  # all in already (a small answer): one write
                 upstream.release()
-                await exchange.respond(upstream.status, _reason(upstream), headers, body)
+                try:
+                    await exchange.respond(upstream.status, _reason(upstream), headers, body)
+                finally:
+                    if len(body) >= LARGE_ANSWER:
+                        self.large_answers += 1
                 return
         is_stream = upstream.content_type == "text/event-stream"
         if is_stream:
@@ -504,6 +517,8 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
+            if (upstream.content_length or 0) >= LARGE_ANSWER:
+                self.large_answers += 1
 
     # ------------------------------------------------------------ plain
     async def _pass(self, exchange: Exchange, target: str, resource_id: str | None) -> None:
@@ -615,7 +630,7 @@ class Proxy:
                 self.metrics.count_merge("not_2xx")
                 await self._relay(exchange, upstream)
                 return
-            conv = self.registry.observe(resource_id, exchange.headers)
+            conv = self.registry.observe(resource_id, exchange.headers, fingerprint)
             if epoch is None:
                 epoch = conv.epoch  # first seen now: nothing changed since it was asked
             if upstream.status != 304:
@@ -657,7 +672,7 @@ class Proxy:
     ) -> None:
         headers = response_headers(upstream, exchange.version, self.via)
         upstream_tag = upstream.headers.get("ETag")
-        digest = merge.body_digest(upstream_tag, conv.snapshot, None)
+        digest = merge.body_digest(upstream_tag, conv.snapshot, "", None)
         headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         upstream.release()
         await exchange.respond(304, _reason(upstream), headers, b"")
@@ -700,6 +715,8 @@ class Proxy:
             await self._merge_held(exchange, upstream, conv, epoch, encoding, limit)
         finally:
             self._merging -= held
+            if held >= LARGE_ANSWER:
+                self.large_answers += 1
 
     async def _merge_held(
         self,
@@ -729,7 +746,7 @@ class Proxy:
         headers["Content-Length"] = str(len(out))  # known: headers go out with the body
         headers.popall("Content-MD5", None)
         upstream_tag = upstream.headers.get("ETag")
-        digest = merge.body_digest(upstream_tag, snap, body)
+        digest = merge.body_digest(upstream_tag, snap, f"{self.registry.nonce}{epoch:x}", len(body))
         headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         conv.remember_served(digest, epoch)
         upstream.release()

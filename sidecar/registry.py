@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -69,8 +70,13 @@ def client_credentials(headers: Mapping[str, str]) -> dict[str, str]:
     return {h: headers[h] for h in CREDENTIAL_HEADERS if h in headers and h.lower() not in named}
 
 
+_NO_CREDENTIALS = _fingerprint({})
+
+
 def client_fingerprint(headers: Mapping[str, str]) -> str:
     """The fingerprint of the credentials a client request carries."""
+    if "Authorization" not in headers and "Cookie" not in headers:
+        return _NO_CREDENTIALS  # most polls: no hashing
     return _fingerprint(client_credentials(headers))
 
 
@@ -123,7 +129,8 @@ class Conversation:
         self.authorised: dict[str, None] = {}
 
     def authorise(self, fingerprint: str) -> None:
-        self.authorised.pop(fingerprint, None)
+        if fingerprint in self.authorised:
+            return  # (its place among the newest matters only when there are many)
         self.authorised[fingerprint] = None
         if len(self.authorised) > AUTHORISED_KEPT:
             del self.authorised[next(iter(self.authorised))]
@@ -211,6 +218,8 @@ class Registry:
         self.settings = settings
         self._session = session
         self.store = store if store is not None else MemoryStore()
+        #: Tells this process's ETag versions from another's (epochs restart at 0).
+        self.nonce = secrets.token_hex(3)
         self._upstream = URL(settings.upstream)
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._subscriptions: OrderedDict[str, Subscription] = OrderedDict()
@@ -236,11 +245,17 @@ class Registry:
         return list(self._subscriptions.values())
 
     # ----------------------------------------------------------- observing
-    def observe(self, resource_id: str, client_headers: Mapping[str, str]) -> Conversation:
+    def observe(
+        self,
+        resource_id: str,
+        client_headers: Mapping[str, str],
+        fingerprint: str | None = None,
+    ) -> Conversation:
         """The upstream accepted this client's request for the resource: its
-        conversation, authorised for the client, with its stream opened if needed."""
+        conversation, authorised for the client (``fingerprint``: its
+        credentials', if already known), with its stream opened if needed."""
         conv = self._remember(resource_id)
-        conv.authorise(client_fingerprint(client_headers))
+        conv.authorise(fingerprint or client_fingerprint(client_headers))
         key = _SHARED if self.profile.shared_stream else resource_id
         sub = self._subscriptions.get(key)
         if sub is not None and not sub.finished:

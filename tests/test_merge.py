@@ -101,7 +101,7 @@ def test_merge_output_is_json_with_upstream_keys_intact(doc: dict) -> None:
 
 
 def test_etag_roundtrip_forwards_the_upstream_tag_while_current() -> None:
-    digest = merge.body_digest('W/"abc"', FAILED, b"{}")
+    digest = merge.body_digest('W/"abc"', FAILED, "v1", 2)
     tag = merge.merged_etag('W/"abc"', digest)
     assert tag == f'W/"abc;sc={FAILED.digest}"'  # the upstream's tag covers its body
     assert merge.translate_if_none_match(tag, {digest}) == 'W/"abc"'
@@ -117,11 +117,11 @@ def test_foreign_tags_and_star_pass() -> None:
     assert merge.translate_if_none_match("*", set()) == "*"
 
 
-def test_without_an_upstream_tag_the_digest_covers_the_upstream_body() -> None:
-    before = merge.body_digest(None, FAILED, b'{"log": [1]}')
-    after = merge.body_digest(None, FAILED, b'{"log": [1, 2]}')
-    assert before != after  # the log grew, the snapshot did not: another tag
-    assert merge.body_digest(None, FAILED, b'{"log": [1]}') == before
+def test_without_an_upstream_tag_the_digest_follows_the_resource_version() -> None:
+    before = merge.body_digest(None, FAILED, "n01", 12)
+    assert merge.body_digest(None, FAILED, "n02", 12) != before  # a content event came
+    assert merge.body_digest(None, FAILED, "n01", 15) != before  # another length
+    assert merge.body_digest(None, FAILED, "n01", 12) == before
 
 
 def _parse_time(value: str) -> float:

@@ -335,7 +335,7 @@ def rss_mib(pid: int) -> float:
 async def test_a_real_process_s_memory_returns_after_abandoned_answers(serve, http) -> None:
     # The process as deployed (gc.freeze() after start-up, no collection
     # forced): 200 clients abandon 1 MiB answers; its resident memory comes
-    # back within 10% of what it was, as the next 200 show too.
+    # back within 10% of what it was, and again after the next 200.
     fake = FakeGptme("0.31.0")
     upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
     port = free_port()
@@ -362,8 +362,9 @@ async def test_a_real_process_s_memory_returns_after_abandoned_answers(serve, ht
         for _ in range(2):
             for _ in range(10):  # 200 clients, 20 at a time
                 await asyncio.gather(*(abandon(port, path) for _ in range(20)))
-            await asyncio.sleep(0.5)
-            assert rss_mib(proc.pid) <= baseline * 1.1, (baseline, rss_mib(proc.pid))
+            # Freed as each request ended; given back to the system within the
+            # heap trimmer's period (2 s), with no garbage collection forced.
+            await eventually(lambda: rss_mib(proc.pid) <= baseline * 1.1, timeout=8)
     finally:
         proc.terminate()
         await proc.wait()
