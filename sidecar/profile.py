@@ -30,6 +30,7 @@ __all__ = [
     "Profile",
     "ProfileError",
     "Trigger",
+    "field_value",
     "load_profile",
 ]
 
@@ -82,7 +83,8 @@ class PathTemplate:
         return self.template.replace("{id}", quote(resource_id, safe=""))
 
 
-def _field(event: dict[str, Any], path: str) -> Any:
+def field_value(event: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path in an event (or a request body), or None."""
     value: Any = event
     for part in path.split("."):
         if not isinstance(value, dict):
@@ -191,7 +193,7 @@ class Profile:
         watch = self._seen_watch.get(event_type)
         if not watch:
             return []
-        return [t for t, path in watch if path is None or _field(event, path) is not None]
+        return [t for t, path in watch if path is None or field_value(event, path) is not None]
 
     def match_trigger(self, method: str, raw_path: str) -> tuple[Trigger, str] | None:
         for trigger in self.triggers:

@@ -37,7 +37,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any
 
-from .profile import EventRule, Trigger
+from .profile import EventRule, Trigger, field_value
 from .snapshot import ACTIVE, RETRY_KEYS, STREAM_STATES, Snapshot, iso_time
 
 __all__ = [
@@ -46,21 +46,12 @@ __all__ = [
     "choose",
     "fail",
     "fail_trigger",
+    "field_value",
     "learn_session",
     "reduce_event",
     "stream_changed",
     "trigger_token",
 ]
-
-
-def field_value(event: dict[str, Any], path: str) -> Any:
-    """The value at a dotted path in an event, or None."""
-    value: Any = event
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
 
 
 def choose(

@@ -353,23 +353,18 @@ class Registry:
                 "lost",
                 f"the event stream was lost mid-step and did not come back within {wait:g} s",
             )
-        elif stream == "live" and conv.timer_kind == "lost":
+        elif stream == "live" and conv.timer_kind in ("lost", "restart"):
             wait = self.settings.confirm_timeout
-            self._arm(
-                conv,
-                wait,
-                "confirm",
-                "the event stream was lost mid-step; once it was "
-                f"back, the upstream showed no sign of the step within {wait:g} s",
+            what = (
+                "the event stream was lost mid-step; once it was back"
+                if conv.timer_kind == "lost"
+                else "the sidecar restarted mid-step; once its stream was back"
             )
-        elif stream == "live" and conv.timer_kind == "restart":
-            wait = self.settings.confirm_timeout
             self._arm(
                 conv,
                 wait,
                 "confirm",
-                "the sidecar restarted mid-step; once its stream was back, the upstream "
-                f"showed no sign of the step within {wait:g} s",
+                f"{what}, the upstream showed no sign of the step within {wait:g} s",
             )
 
     # ------------------------------------------------------------- store

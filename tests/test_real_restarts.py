@@ -128,15 +128,21 @@ def server(request: pytest.FixtureRequest) -> tuple[str, servers.Process]:
     return name, upstream
 
 
+async def started(
+    server: tuple[str, servers.Process], http: aiohttp.ClientSession, tmp_path: Path
+) -> tuple[SidecarProcess, Client]:
+    name, upstream = server
+    kind = "opencode" if name == "opencode" else "gptme"
+    sidecar = SidecarProcess(upstream, tmp_path / "state.db", kind)
+    await sidecar.start(http)
+    return sidecar, Client(kind, upstream, http)
+
+
 @pytest.mark.parametrize("signame", list(SIGNALS))
 async def test_a_failure_reads_the_same_after_a_restart(
     server: tuple[str, servers.Process], signame: str, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    name, upstream = server
-    kind = "opencode" if name == "opencode" else "gptme"
-    sidecar = SidecarProcess(upstream, tmp_path / "state.db", kind)
-    client = Client(kind, upstream, http)
-    await sidecar.start(http)
+    sidecar, client = await started(server, http, tmp_path)
     rid = await client.start_work(sidecar.url, "401")
     before = await client.wait(sidecar.url, rid, "failed")
     await asyncio.sleep(0.3)  # written: the store flushes every 0.1 s
@@ -154,11 +160,7 @@ async def test_a_failure_reads_the_same_after_a_restart(
 async def test_a_step_in_flight_across_a_restart_goes_on_to_its_end(
     server: tuple[str, servers.Process], signame: str, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    name, upstream = server
-    kind = "opencode" if name == "opencode" else "gptme"
-    sidecar = SidecarProcess(upstream, tmp_path / "state.db", kind)
-    client = Client(kind, upstream, http)
-    await sidecar.start(http)
+    sidecar, client = await started(server, http, tmp_path)
     rid = await client.start_work(sidecar.url, "medium")  # 4 s of tokens
     await client.wait(sidecar.url, rid, "generating")
     await asyncio.sleep(0.3)
