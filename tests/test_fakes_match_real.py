@@ -22,7 +22,10 @@ from sidecar.profile import load_profile
 from .real import servers
 from .real.harness import Witness
 
+pytestmark = pytest.mark.flaky(reruns=2, only_rerun=[servers.WORKSPACE_RACE])
+
 _ids = itertools.count(1)
+ERRORS: dict[int, list[str]] = {}
 GPTME_TYPES = set(load_profile("gptme").events) - {"generation_progress"}
 OPENCODE_TYPES = set(load_profile("opencode").events)
 
@@ -80,7 +83,11 @@ async def run_gptme(
                     break
                 await asyncio.sleep(0.05)
         await _quiet(witness)
-    return witness.types()
+    types = witness.types()
+    # The upstream's own error texts, for the failure message (and the rerun
+    # of gptme 0.31.0's workspace race, which is recognised by its text).
+    ERRORS[id(types)] = [str(e.get("error")) for _, e in witness.events if e.get("type") == "error"]
+    return types
 
 
 async def _quiet(witness: Witness, for_seconds: float = 1.0, at_most: float = 20.0) -> None:
@@ -113,7 +120,7 @@ async def test_fake_gptme_sends_what_the_real_one_sends(
         run_gptme(http, fake_url, auth, scenario, actions),
     )
     assert squeezed(got_fake, GPTME_TYPES) == squeezed(got_real, GPTME_TYPES), (
-        f"real {version}: {got_real}\nfake: {got_fake}"
+        f"real {version}: {got_real}\nfake: {got_fake}\nreal errors: {ERRORS.get(id(got_real))}"
     )
 
 

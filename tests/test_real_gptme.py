@@ -23,7 +23,10 @@ from .conftest import eventually
 from .real import servers
 from .real.harness import Poller, Witness
 
-pytestmark = pytest.mark.parametrize("version", servers.GPTME_VERSIONS)
+pytestmark = [
+    pytest.mark.parametrize("version", servers.GPTME_VERSIONS),
+    pytest.mark.flaky(reruns=2, only_rerun=[servers.WORKSPACE_RACE]),
+]
 _ids = itertools.count(1)
 
 

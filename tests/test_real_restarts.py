@@ -8,6 +8,7 @@ goes on to its end, the sidecar watching its stream again at start.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 import time
@@ -19,6 +20,8 @@ import pytest
 
 from .real import servers
 from .test_cli import free_port
+
+pytestmark = pytest.mark.flaky(reruns=2, only_rerun=[servers.WORKSPACE_RACE])
 
 SERVERS = ["gptme-0.31.0", "gptme-0.35.1", "opencode"]
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
@@ -114,6 +117,8 @@ class Client:
             state = await self.state(base, rid)
             if state["status"] == status:
                 return state
+            if re.search(servers.WORKSPACE_RACE, str(state.get("last_error"))):
+                break  # gptme 0.31.0 failed the step itself (the test is rerun)
             await asyncio.sleep(0.05)
         raise AssertionError(f"waited for {status}; the last poll read {state}")
 
