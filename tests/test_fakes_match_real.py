@@ -22,7 +22,7 @@ from sidecar.profile import load_profile
 from .real import servers
 from .real.harness import Witness
 
-pytestmark = pytest.mark.flaky(reruns=2, only_rerun=[servers.WORKSPACE_RACE])
+pytestmark = pytest.mark.flaky(reruns=2, only_rerun=servers.UPSTREAM_FAULTS)
 
 _ids = itertools.count(1)
 ERRORS: dict[int, list[str]] = {}

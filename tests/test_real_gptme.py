@@ -25,7 +25,7 @@ from .real.harness import Poller, Witness
 
 pytestmark = [
     pytest.mark.parametrize("version", servers.GPTME_VERSIONS),
-    pytest.mark.flaky(reruns=2, only_rerun=[servers.WORKSPACE_RACE]),
+    pytest.mark.flaky(reruns=2, only_rerun=servers.UPSTREAM_FAULTS),
 ]
 _ids = itertools.count(1)
 

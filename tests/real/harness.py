@@ -123,7 +123,7 @@ class Poller:
         self.upstream_errors = 0
 
     async def body(self, resource_id: str) -> dict[str, Any]:
-        for _ in range(100):
+        for _ in range(300):  # up to 15 s
             async with self.http.get(self.url(resource_id), headers=self.headers) as resp:
                 text = await resp.text()
             if resp.status >= 500 and '"source":"sidecar"' not in text:
