@@ -368,3 +368,20 @@ async def test_a_real_process_s_memory_returns_after_abandoned_answers(serve, ht
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_upstream_heads_are_bounded_on_aiohttp_s_client_too(start_sidecar, http) -> None:
+    # A POST goes through aiohttp's client, which has the same bounds
+    # (8190-byte lines, 128 fields): its refusal is a clear 502 as well.
+    for answer in (
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+    ):
+        server, port = await upstream_answering(answer)
+        try:
+            sc = await start_sidecar(f"http://127.0.0.1:{port}")
+            async with http.post(sc.url + "/anything", data=b"x") as resp:
+                assert resp.status == 502
+                assert (await resp.json())["source"] == "sidecar"
+        finally:
+            server.close()
