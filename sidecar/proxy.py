@@ -38,6 +38,7 @@ from .http1 import UpstreamResponse
 from .metrics import Metrics
 from .profile import Profile, Trigger
 from .registry import Conversation, Registry, client_fingerprint
+from .subscription import connection_tokens
 
 __all__ = ["Exchange", "Proxy", "WebExchange"]
 
@@ -93,11 +94,8 @@ class UpstreamError(Exception):
 
 def _dropped(headers: CIMultiDictProxy[str], always: frozenset[str]) -> frozenset[str]:
     """``always``, plus the headers the message's ``Connection`` names (hop-by-hop too)."""
-    if "Connection" not in headers:
-        return always
-    tokens = {t.strip().lower() for value in headers.getall("Connection") for t in value.split(",")}
-    tokens.discard("")
-    return always | tokens
+    tokens = connection_tokens(headers)
+    return always | tokens if tokens else always
 
 
 class Exchange(Protocol):
@@ -540,8 +538,7 @@ class Proxy:
             return
         answer = await _read_at_most(upstream, TRIGGER_BODY_PEEK)
         if len(answer) <= TRIGGER_BODY_PEEK:
-            decoded = _decoded(answer, upstream.headers.get("Content-Encoding", ""))
-            created = _json_field(_json_object(decoded or b""), self.profile.create_id_field)
+            created = _answer_field(upstream, answer, self.profile.create_id_field)
             if created is not None and self.profile.valid_id(created):
                 self.registry.observe(created, exchange.headers)
         await self._relay(exchange, upstream, first=answer)
@@ -586,8 +583,7 @@ class Proxy:
         elif upstream.status >= 500 and trigger.error_field and conv is not None:
             answer = await self._read_small(upstream)
             if answer is not None:
-                decoded = _decoded(answer, upstream.headers.get("Content-Encoding", ""))
-                error = _json_field(_json_object(decoded or b""), trigger.error_field)
+                error = _answer_field(upstream, answer, trigger.error_field)
                 if error is not None:
                     assert token is not None
                     conv.set(reducer.fail_trigger(conv.snapshot, token, error, time.time()))
@@ -959,11 +955,14 @@ async def _read_at_most(upstream: UpstreamResponse, limit: int) -> bytes:
     return b"".join(parts)
 
 
-def _decoded(body: bytes, encoding: str) -> bytes | None:
+def _answer_field(upstream: UpstreamResponse, answer: bytes, name: str | None) -> str | None:
+    """A string field of a small JSON answer, decoded first if compressed."""
     try:
-        return merge.decode_body(body, encoding, TRIGGER_BODY_PEEK * 16)
+        encoding = upstream.headers.get("Content-Encoding", "")
+        decoded = merge.decode_body(answer, encoding, TRIGGER_BODY_PEEK * 16)
     except (merge.MergeError, OSError, ValueError):
         return None
+    return _json_field(_json_object(decoded), name)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

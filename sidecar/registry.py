@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import reducer
@@ -41,7 +40,7 @@ from .profile import Profile, Trigger
 from .snapshot import ACTIVE, Snapshot
 from .sse import ServerSentEvent
 from .store import MemoryStore, Record, Store
-from .subscription import CREDENTIAL_HEADERS, Backoff, Subscription
+from .subscription import Backoff, Subscription, client_credentials
 
 __all__ = ["Conversation", "Registry"]
 
@@ -56,18 +55,6 @@ AUTHORISED_KEPT = 16
 def _fingerprint(credentials: Mapping[str, str]) -> str:
     """Tells credentials apart without keeping them (they are dropped on refusal)."""
     return hashlib.sha256(repr(sorted(credentials.items())).encode()).hexdigest()
-
-
-def client_credentials(headers: Mapping[str, str]) -> dict[str, str]:
-    """The credentials a client request carries to the upstream: not those
-    its ``Connection`` header names, which are hop-by-hop and never forwarded."""
-    values = (
-        headers.getall("Connection", ())
-        if isinstance(headers, CIMultiDictProxy | CIMultiDict)
-        else [headers.get("Connection", "")]
-    )
-    named = {token.strip().lower() for value in values for token in value.split(",")}
-    return {h: headers[h] for h in CREDENTIAL_HEADERS if h in headers and h.lower() not in named}
 
 
 _NO_CREDENTIALS = _fingerprint({})
@@ -370,20 +357,10 @@ class Registry:
     # ------------------------------------------------------------- store
     def _persist(self, conv: Conversation) -> None:
         sub = conv.subscription
-        snap = conv.snapshot
         self.store.save(
             Record(
                 resource_id=conv.id,
-                snapshot={
-                    "status": snap.status,
-                    "last_error": snap.last_error,
-                    "pending_tools": [list(t) for t in snap.pending_tools],
-                    "session_id": snap.session_id,
-                    "retry": snap.retry,
-                    "updated_at": snap.updated_at,
-                    "version": snap.version,
-                    "state_seq": snap.state_seq,
-                },
+                snapshot=conv.snapshot.lasting(),
                 transitions=list(conv.transitions),
                 last_event_id=(sub.decoder.last_event_id or None) if sub is not None else None,
             )
@@ -400,18 +377,7 @@ class Registry:
         """
         records = self.store.load()
         for record in records[-self.settings.max_snapshots :]:
-            fields = record.snapshot
-            snap = Snapshot(
-                status=str(fields.get("status", "unknown")),
-                last_error=fields.get("last_error"),
-                pending_tools=tuple((str(k), v) for k, v in fields.get("pending_tools") or ()),
-                session_id=fields.get("session_id"),
-                retry=fields.get("retry"),
-                stream="connecting",
-                updated_at=fields.get("updated_at"),
-                version=int(fields.get("version") or 0),
-                state_seq=int(fields.get("state_seq") or 0),
-            )
+            snap = Snapshot.restored(record.snapshot)
             conv = Conversation(record.resource_id, self.profile.id_is_session, self._persist)
             conv.snapshot = snap
             conv.transitions = list(record.transitions)[-TRANSITIONS_KEPT:]

@@ -131,6 +131,33 @@ class Snapshot:
                 del full["pending_tools"]
         return full
 
+    def lasting(self) -> dict[str, Any]:
+        """What outlives the process (the store keeps it): all but the stream."""
+        return {
+            "status": self.status,
+            "last_error": self.last_error,
+            "pending_tools": [list(tool) for tool in self.pending_tools],
+            "session_id": self.session_id,
+            "retry": self.retry,
+            "updated_at": self.updated_at,
+            "version": self.version,
+            "state_seq": self.state_seq,
+        }
+
+    @classmethod
+    def restored(cls, kept: dict[str, Any]) -> Snapshot:
+        """The snapshot :meth:`lasting` kept; its stream is ``connecting`` again."""
+        return cls(
+            status=str(kept.get("status", "unknown")),
+            last_error=kept.get("last_error"),
+            pending_tools=tuple((str(k), v) for k, v in kept.get("pending_tools") or ()),
+            session_id=kept.get("session_id"),
+            retry=kept.get("retry"),
+            updated_at=kept.get("updated_at"),
+            version=int(kept.get("version") or 0),
+            state_seq=int(kept.get("state_seq") or 0),
+        )
+
     @cached_property
     def body(self) -> bytes:
         """``as_dict()`` serialised once for this snapshot."""

@@ -38,6 +38,8 @@ from typing import Any
 
 import orjson
 
+from .snapshot import ACTIVE
+
 __all__ = [
     "SCHEMA_VERSION",
     "MemoryStore",
@@ -67,8 +69,7 @@ class Record:
     """What is kept of one resource."""
 
     resource_id: str
-    #: The snapshot's lasting fields (status, last_error, pending_tools,
-    #: session_id, retry, updated_at, version, state_seq): not its stream.
+    #: ``Snapshot.lasting()``: every field but the stream.
     snapshot: dict[str, Any]
     transitions: list[dict[str, Any]] = field(default_factory=list)
     last_event_id: str | None = None
@@ -255,7 +256,7 @@ class SqliteStore(Store):
             if record is None:
                 gone.append((resource_id,))
                 continue
-            active = record.snapshot.get("status") in ("starting", "generating", "running_tool")
+            active = record.snapshot.get("status") in ACTIVE
             rows.append(
                 (
                     resource_id,

@@ -32,18 +32,40 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import http1
 from .http1 import UpstreamResponse
 from .sse import EventDecoder, ServerSentEvent
 
-__all__ = ["Backoff", "Subscription"]
+__all__ = ["Backoff", "Subscription", "client_credentials", "connection_tokens"]
 
 log = logging.getLogger("sidecar.subscription")
 
 #: Client headers a subscription may authenticate with.
 CREDENTIAL_HEADERS = ("Authorization", "Cookie")
+
+
+def connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    """The header names a message's ``Connection`` lists: hop-by-hop, never forwarded."""
+    if "Connection" not in headers:
+        return set()
+    values = (
+        headers.getall("Connection", ())
+        if isinstance(headers, CIMultiDictProxy | CIMultiDict)
+        else [headers["Connection"]]
+    )
+    tokens = {token.strip().lower() for value in values for token in value.split(",")}
+    tokens.discard("")
+    return tokens
+
+
+def client_credentials(headers: Mapping[str, str]) -> dict[str, str]:
+    """The credentials a client request carries to the upstream: not those
+    its ``Connection`` header names."""
+    named = connection_tokens(headers)
+    return {h: headers[h] for h in CREDENTIAL_HEADERS if h in headers and h.lower() not in named}
 
 
 class NotAStream(Exception):

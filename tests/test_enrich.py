@@ -138,7 +138,9 @@ async def test_a_refused_stream_is_reported_lost(gptme, http) -> None:
     assert (await g.session("c1"))["stream"] == "lost"
 
 
-async def test_no_transform_and_non_json_pass_unchanged(serve, start_sidecar, http) -> None:
+async def unmergeable_upstream(serve, start_sidecar):
+    """A sidecar before an upstream whose answers cannot take the snapshot:
+    ``nt`` says no-transform, any other id is plain text."""
     from aiohttp import web
 
     async def conv(request: web.Request) -> web.Response:
@@ -150,7 +152,11 @@ async def test_no_transform_and_non_json_pass_unchanged(serve, start_sidecar, ht
     app.router.add_get("/api/v2/conversations/{id}", conv)
     app.router.add_get("/api/v2/conversations/{id}/events", conv)
     upstream = await serve(app)
-    sc = await start_sidecar(str(upstream.make_url("")).rstrip("/"))
+    return await start_sidecar(str(upstream.make_url("")).rstrip("/"))
+
+
+async def test_no_transform_and_non_json_pass_unchanged(serve, start_sidecar, http) -> None:
+    sc = await unmergeable_upstream(serve, start_sidecar)
     async with http.get(sc.url + "/api/v2/conversations/nt") as resp:
         assert await resp.json() == {"a": 1}
     async with http.get(sc.url + "/api/v2/conversations/txt") as resp:
@@ -227,16 +233,7 @@ async def test_eviction_forgets_the_least_recently_read(gptme, http) -> None:
 async def test_an_answer_passed_without_the_snapshot_is_said_once_a_minute(
     serve, start_sidecar, http, caplog
 ) -> None:
-    from aiohttp import web
-
-    async def conv(request: web.Request) -> web.Response:
-        return web.Response(text="plain text", content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/api/v2/conversations/{id}", conv)
-    app.router.add_get("/api/v2/conversations/{id}/events", conv)
-    upstream = await serve(app)
-    sc = await start_sidecar(str(upstream.make_url("")).rstrip("/"))
+    sc = await unmergeable_upstream(serve, start_sidecar)
     caplog.set_level("WARNING", logger="sidecar.proxy")
     for _ in range(5):
         async with http.get(sc.url + "/api/v2/conversations/txt") as resp:

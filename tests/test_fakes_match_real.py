@@ -56,11 +56,7 @@ async def run_gptme(
     actions: tuple[str, ...],
 ) -> list[str]:
     cid = f"honest-{next(_ids)}-{int(time.time() * 1000) % 100000}"
-    body = {
-        "prompt": "p",
-        "config": {"chat": {"model": "local/fake"}},
-        "messages": [{"role": "user", "content": f"please scenario:{scenario} ({cid})"}],
-    }
+    body = servers.gptme_conversation(cid, scenario)
     url = f"{base}/api/v2/conversations/{cid}"
     async with http.put(url, json=body, headers=headers) as resp:
         assert resp.status == 200, await resp.text()

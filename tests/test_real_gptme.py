@@ -47,11 +47,7 @@ class Gptme:
 
     async def create(self, scenario: str, direct: bool = False) -> tuple[str, str]:
         cid = f"conf-{scenario}-{next(_ids)}-{int(time.time() * 1000) % 100000}"
-        body = {
-            "prompt": "p",
-            "config": {"chat": {"model": "local/fake"}},
-            "messages": [{"role": "user", "content": f"please scenario:{scenario} ({cid})"}],
-        }
+        body = servers.gptme_conversation(cid, scenario)
         url = self.conversation_url(cid, direct)
         async with self.http.put(url, json=body, headers=self.headers) as resp:
             assert resp.status == 200, await resp.text()

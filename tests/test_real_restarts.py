@@ -86,11 +86,7 @@ class Client:
                 pass
             return sid
         cid = f"restart-{scenario}-{int(time.time() * 1000) % 1000000}"
-        body = {
-            "prompt": "p",
-            "config": {"chat": {"model": "local/fake"}},
-            "messages": [{"role": "user", "content": f"please scenario:{scenario} ({cid})"}],
-        }
+        body = servers.gptme_conversation(cid, scenario)
         url = f"{base}/api/v2/conversations/{cid}"
         async with self.http.put(url, json=body, headers=self.headers) as resp:
             session = (await resp.json())["session_id"]

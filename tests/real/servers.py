@@ -53,6 +53,17 @@ WORKSPACE_RACE = r"No such file or directory: .*/workspace"
 UPSTREAM_FAULTS = [WORKSPACE_RACE, r": 500 <!doctype html>"]
 
 
+def gptme_conversation(cid: str, scenario: str) -> dict[str, object]:
+    """The body of a PUT that creates a gptme conversation asking the fake
+    model for ``scenario`` (the id keeps each conversation's model calls apart)."""
+    return {
+        "prompt": "p",
+        # 0.31.0 needs the model here for the step that resumes after a tool.
+        "config": {"chat": {"model": "local/fake"}},
+        "messages": [{"role": "user", "content": f"please scenario:{scenario} ({cid})"}],
+    }
+
+
 class NotInstalled(RuntimeError):
     pass
 
