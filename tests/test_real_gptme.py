@@ -272,3 +272,24 @@ async def test_a_long_poll_never_waits_on_content_it_has_not_seen(gptme: Gptme) 
         assert resp.headers["ETag"] != tag
     assert body["log"][-1]["content"] == "more"
     assert time.monotonic() - started < 10  # answered, not held for the 20 s
+
+
+async def test_a_model_server_error_fails_0_31_0_and_keeps_0_35_1_working(gptme: Gptme) -> None:
+    cid, sid = await gptme.create("500")  # the model answers 500, every time
+    async with gptme.witness(cid) as witness:
+        started = time.monotonic()
+        await gptme.step(cid, sid)
+        if gptme.modern:
+            # 0.35.1 retries a 5xx for a long time before any error event:
+            # the work goes on, and the sidecar says so.
+            await asyncio.sleep(4)
+            state = await gptme.poller.state(cid)
+            assert (state["status"], state["generating"]) == ("generating", True), witness.text()
+            assert "error" not in witness.types()
+            await gptme.post(cid, "/interrupt", {"session_id": sid})
+            await gptme.poller.wait(cid, "interrupted", witness)
+        else:
+            # 0.31.0's OpenAI client retries twice, then the step fails.
+            state = await gptme.poller.wait(cid, "failed", witness)
+            assert "Error code: 500" in state["last_error"]
+            assert time.monotonic() - started > 1.0  # after the client's retries

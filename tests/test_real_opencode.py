@@ -238,3 +238,20 @@ async def test_other_requests_pass_through_unchanged(opencode: Opencode) -> None
     common = min(len(via), len(direct))  # a late title update may reach one first
     assert via[:common] == direct[:common]
     assert "session.idle" in [e["type"] for e in via[:common]]
+
+
+async def test_a_model_that_keeps_refusing_fails_after_its_retries(opencode: Opencode) -> None:
+    sid = await opencode.create()
+    async with opencode.witness(sid) as witness:
+        await opencode.prompt(sid, "429")  # rate limited, every time
+        retrying = await opencode.poller.wait(sid, lambda s: s["retry"] is not None, witness)
+        assert retrying["generating"] is True
+        state = await opencode.poller.wait(sid, "failed", witness, timeout=30)
+    # opencode 1.18.33 tries 5 times, about a second apart, then reports it.
+    attempts = [
+        e["properties"]["status"]["attempt"]
+        for _, e in witness.events
+        if e["type"] == "session.status" and e["properties"]["status"]["type"] == "retry"
+    ]
+    assert attempts == [1, 2, 3, 4, 5], witness.text()
+    assert state["last_error"] == "Rate limit reached" and state["retry"] is None
