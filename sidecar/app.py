@@ -48,12 +48,14 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     profile = app[PROFILE]
     # Two pools: proxied requests, and the sidecar's own long-lived streams.
-    store = open_store(settings.store, settings.upstream, settings.store_flush, settings.retention)
+    store = open_store(settings)
     requests = _client_session(settings)
     streams = _client_session(settings)
     registry = Registry(profile, settings, streams, store)
     app[REGISTRY] = registry
     registry.restore()
+    if registry.fleet is not None:
+        await registry.fleet.start(registry)
     app[METRICS].watch(registry)
     app[PROXY] = Proxy(settings, profile, registry, requests, app[METRICS])
     probe = probe_upstream(app[HEALTH], settings, profile, requests)
@@ -64,6 +66,8 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         await probe.aclose()
         app[PROXY].close()
         await registry.close()
+        if registry.fleet is not None:
+            await registry.fleet.aclose()
         await asyncio.get_running_loop().run_in_executor(None, store.close)
         await requests.close()
         await streams.close()

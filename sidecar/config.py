@@ -65,7 +65,15 @@ def _names(value: str) -> str:
 def _store(value: str) -> str:
     if value in ("memory", "sqlite") or (value.startswith("sqlite:") and len(value) > 7):
         return value
-    raise ValueError("must be memory, sqlite (the default file) or sqlite:PATH")
+    if value.startswith(("redis://", "rediss://")):
+        url = urlsplit(value)
+        if not url.hostname:
+            raise ValueError(f"{value!r} names no Redis host")
+        return value
+    raise ValueError(
+        "must be memory, sqlite (the default file), sqlite:PATH or redis://HOST[:PORT][/DB]"
+        " (rediss:// for TLS)"
+    )
 
 
 def _level(value: str) -> str:
@@ -148,8 +156,39 @@ OPTIONS: tuple[Option, ...] = (
         "store",
         str,
         "where snapshots outlive a restart: memory, sqlite (one file per upstream under "
-        "$XDG_STATE_HOME/sidecar) or sqlite:PATH",
+        "$XDG_STATE_HOME/sidecar), sqlite:PATH, or redis://HOST:PORT/DB (rediss:// for TLS),"
+        " shared by a fleet of replicas",
         _store,
+    ),
+    Option(
+        "store_password",
+        str,
+        "the Redis password, if the store's URL has none",
+        secret=True,
+    ),
+    Option(
+        "store_prefix",
+        str,
+        "the prefix of every Redis key and channel (fleets that share a Redis differ here)",
+    ),
+    Option(
+        "store_timeout",
+        float,
+        "seconds a Redis call may take before the store counts as degraded",
+        _positive,
+    ),
+    Option(
+        "lease_ttl",
+        float,
+        "seconds a replica's hold on a stream lasts unless renewed: how soon another "
+        "takes over from a replica that died",
+        _positive,
+    ),
+    Option(
+        "workers",
+        int,
+        "processes serving the port (SO_REUSEPORT); more than 1 needs a redis:// store",
+        _count,
     ),
     Option("store_flush", float, "seconds between writes of the store (coalesced)", _positive),
     Option(
@@ -262,6 +301,11 @@ class Settings:
     max_subscriptions: int = 1000
     max_snapshots: int = 10000
     store: str = "sqlite"
+    store_password: str | None = None
+    store_prefix: str = "sidecar:"
+    store_timeout: float = 0.5
+    lease_ttl: float = 10.0
+    workers: int = 1
     store_flush: float = 0.1
     retention: float = 7 * 24 * 3600.0
     merge_limit: int = 32 * 1024 * 1024
@@ -364,4 +408,11 @@ def load_settings(
         raise ConfigError("reconnect_min: must not exceed reconnect_max")
     if settings.admin_port is not None and settings.admin_port == settings.port != 0:
         raise ConfigError("admin_port: must differ from port")
+    if settings.workers > 1 and not settings.store.startswith(("redis://", "rediss://")):
+        raise ConfigError(
+            "workers: more than 1 needs a shared store (store = redis://...): each worker "
+            "is a replica, and replicas share their snapshots there"
+        )
+    if settings.workers > 1 and settings.port == 0:
+        raise ConfigError("workers: more than 1 needs a fixed port (they share it)")
     return settings

@@ -174,6 +174,20 @@ class _RegistryCollector(Collector):
             "1 when the snapshot store cannot be used and snapshots live in memory only.",
             1.0 if reg.store.degraded else 0.0,
         )
+        if reg.fleet is not None:
+            fleet = reg.fleet
+            yield _gauge(
+                "sidecar_fleet_leases",
+                "Upstream streams this replica holds under a lease (the rest are others').",
+                float(len(fleet.leases)),
+            )
+            yield _labelled_counter(
+                "sidecar_fleet_operations_total",
+                "Shared-store operations by outcome: writes, conflicts (rewritten on the newer "
+                "snapshot), fenced (refused: the lease was another's), takeovers, reads, errors.",
+                ("outcome",),
+                fleet.counts,
+            )
         yield _counter(
             "sidecar_reconnects_total",
             "Times an upstream event stream was opened again after it ended.",

@@ -576,17 +576,26 @@ class Proxy:
             conv = self.registry.observe(resource_id, request.headers)
             session_id = _json_field(body, trigger.session_field)
             if session_id is not None and not self.profile.id_is_session:
-                conv.set(reducer.learn_session(conv.snapshot, session_id))
+                self.registry.update(conv, lambda s: reducer.learn_session(s, session_id))
             if token is None:
                 token = reducer.trigger_token(conv.snapshot)
-            self.registry.accept_trigger(conv, token, trigger, body)
+            written = self.registry.accept_trigger(conv, token, trigger, body)
+            if written is not None:
+                # A shared store: the answer goes once every replica's next
+                # read sees the step (or store_timeout has passed).
+                await self.registry.written(written)
         elif upstream.status >= 500 and trigger.error_field and conv is not None:
             answer = await self._read_small(upstream)
             if answer is not None:
                 error = _answer_field(upstream, answer, trigger.error_field)
                 if error is not None:
                     assert token is not None
-                    conv.set(reducer.fail_trigger(conv.snapshot, token, error, time.time()))
+                    now, seq = time.time(), token
+                    failed = self.registry.update(
+                        conv, lambda s: reducer.fail_trigger(s, seq, error, now)
+                    )
+                    if failed is not None:
+                        await self.registry.written(failed)
                 await self._relay(exchange, upstream, first=answer)
                 return
         elif conv is not None and upstream.status in (401, 403):
@@ -609,6 +618,8 @@ class Proxy:
         if conv is not None and fingerprint in conv.authorised:
             await self._hold_until_changed(exchange, conv)
         headers = request_headers(exchange, self.upstream, self.settings.preserve_host, self.via)
+        # A shared store: its snapshot is read while the upstream answers.
+        shared = self.registry.fetch_soon(resource_id)
         for _attempt in range(2):
             epoch = conv.epoch if conv is not None else None
             inm = exchange.headers.get("If-None-Match")
@@ -629,6 +640,9 @@ class Proxy:
             conv = self.registry.observe(resource_id, exchange.headers, fingerprint)
             if epoch is None:
                 epoch = conv.epoch  # first seen now: nothing changed since it was asked
+            if shared is not None:
+                await self.registry.fetched(conv, shared)
+                shared = None
             if upstream.status != 304:
                 await self._merge_response(exchange, upstream, conv, epoch)
                 return

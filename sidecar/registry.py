@@ -22,6 +22,7 @@ readable) until the snapshot itself is evicted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -36,6 +37,7 @@ from yarl import URL
 
 from . import reducer
 from .config import Settings
+from .fleet import Change, RedisStore, View
 from .profile import Profile, Trigger
 from .snapshot import ACTIVE, Snapshot
 from .sse import ServerSentEvent
@@ -84,6 +86,7 @@ class Conversation:
         "subscription",
         "timer_kind",
         "transitions",
+        "view",
     )
 
     def __init__(
@@ -114,6 +117,8 @@ class Conversation:
         self.served: dict[str, None] = {}
         #: Fingerprints of the credentials the upstream last accepted for it.
         self.authorised: dict[str, None] = {}
+        #: Its shared copy, with a shared store (see sidecar.fleet).
+        self.view: View | None = None
 
     def authorise(self, fingerprint: str) -> None:
         if fingerprint in self.authorised:
@@ -184,6 +189,12 @@ class Conversation:
         return True
 
 
+def _stream_now(stream: str) -> Callable[[Snapshot], Snapshot]:
+    """The change: the stream is now ``stream``."""
+    now = time.time()
+    return lambda snap: reducer.stream_changed(snap, stream, now)
+
+
 def _lasting(snap: Snapshot) -> tuple[Any, ...]:
     """What the store keeps of a snapshot (its stream is of this process only)."""
     return (snap.status, snap.last_error, snap.pending_tools, snap.session_id, snap.retry)
@@ -205,6 +216,8 @@ class Registry:
         self.settings = settings
         self._session = session
         self.store = store if store is not None else MemoryStore()
+        #: The shared store, when the sidecar is one of a fleet.
+        self.fleet = self.store if isinstance(self.store, RedisStore) else None
         #: Tells this process's ETag versions from another's (epochs restart at 0).
         self.nonce = secrets.token_hex(3)
         self._upstream = URL(settings.upstream)
@@ -243,14 +256,23 @@ class Registry:
         credentials', if already known), with its stream opened if needed."""
         conv = self._remember(resource_id)
         conv.authorise(fingerprint or client_fingerprint(client_headers))
-        key = _SHARED if self.profile.shared_stream else resource_id
+        key = self.stream_key(resource_id)
         sub = self._subscriptions.get(key)
+        fleet = self.fleet
+        if fleet is not None and fleet.degraded is None and key not in fleet.leases:
+            # Another replica's stream, or nobody's yet: take the lease if it
+            # is free (in the background), and keep these credentials to.
+            if sub is not None:
+                self._retire(key)  # opened alone while the store was down
+            fleet.claim_soon(key, self._credentials(client_headers))
+            return conv
         if sub is not None and not sub.finished:
             self._subscriptions.move_to_end(key)
             if conv.snapshot.stream != sub.stream:
                 # A shared stream that is live already is live for a
                 # resource first seen now, too.
-                conv.set(reducer.stream_changed(conv.snapshot, sub.stream, time.time()))
+                now, stream = time.time(), sub.stream
+                self.update(conv, lambda s: reducer.stream_changed(s, stream, now), sub)
         else:
             credentials = self._credentials(client_headers)
             if sub is not None:
@@ -269,7 +291,8 @@ class Registry:
         if sub is not None:
             conv.subscription = sub
         else:
-            conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
+            now = time.time()
+            self.update(conv, lambda s: reducer.stream_changed(s, "lost", now))
         return conv
 
     def _credentials(self, client_headers: Mapping[str, str]) -> dict[str, str]:
@@ -278,9 +301,62 @@ class Registry:
         return client_credentials(client_headers)
 
     async def ensure_live(self, conv: Conversation, timeout: float) -> bool:
-        key = _SHARED if self.profile.shared_stream else conv.id
+        key = self.stream_key(conv.id)
         sub = self._subscriptions.get(key)
-        return sub is not None and await sub.wait_live(timeout)
+        if sub is not None:
+            return await sub.wait_live(timeout)
+        if self.fleet is None:
+            return False
+        # Another replica's stream: live when the shared snapshot says so.
+        deadline = time.monotonic() + timeout
+        while conv.snapshot.stream != "live":
+            left = deadline - time.monotonic()
+            if left <= 0 or not await conv.wait_changed(left):
+                break
+        return conv.snapshot.stream == "live"
+
+    def fetch_soon(self, resource_id: str) -> asyncio.Task[Any] | None:
+        """With a shared store, start reading its copy of a resource's snapshot."""
+        if self.fleet is None or not self.profile.valid_id(resource_id):
+            return None
+        return self.fleet.fetch_soon(resource_id)
+
+    async def fetched(self, conv: Conversation, task: asyncio.Task[Any]) -> None:
+        assert self.fleet is not None
+        await self.fleet.fetched(conv, task)
+
+    async def written(self, done: asyncio.Future[None]) -> None:
+        """Wait (at most ``store_timeout``) until the shared store has a change."""
+        assert self.fleet is not None
+        await self.fleet.written([done])
+
+    def stream_key(self, resource_id: str) -> str:
+        """The key of the stream a resource's events come on."""
+        return _SHARED if self.profile.shared_stream else resource_id
+
+    def update(
+        self,
+        conv: Conversation,
+        op: Callable[[Snapshot], Snapshot],
+        sub: Subscription | None = None,
+    ) -> asyncio.Future[None] | None:
+        """Apply a change (a reducer step) to a conversation, now; with a
+        shared store, also to the shared snapshot (fenced by ``sub``'s lease
+        when the change comes from a stream). The future is done when the
+        shared store has it (None: nothing to wait for)."""
+        before = conv.snapshot
+        conv.set(op(before))
+        fleet = self.fleet
+        if fleet is None or conv.snapshot is before or fleet.degraded is not None:
+            return None
+        fence = ""
+        if sub is not None:
+            fence = fleet.leases.get(sub.key, "")
+            if not fence:
+                return None  # a stream without a lease: its own, while alone
+        done = asyncio.get_running_loop().create_future()
+        fleet.enqueue(conv, Change(op, fence, done))
+        return done
 
     # ------------------------------------------------------------ evidence
     # Work in flight must keep showing evidence. Two timers enforce it: after
@@ -291,10 +367,18 @@ class Registry:
 
     def accept_trigger(
         self, conv: Conversation, token: int, trigger: Trigger, body: dict[str, Any]
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
         before = conv.snapshot
-        conv.set(reducer.accept_trigger(before, token, trigger, body, time.time()))
+        now = time.time()
+        done = self.update(conv, lambda s: reducer.accept_trigger(s, token, trigger, body, now))
         if conv.snapshot is not before and reducer.is_active(conv.snapshot):
+            self._arm_start(conv)
+        return done
+
+    def _arm_start(self, conv: Conversation) -> None:
+        """Some event of the accepted work must arrive in time (watched by
+        whoever holds the stream)."""
+        if self.stream_key(conv.id) in self._subscriptions:
             wait = self.settings.start_timeout
             self._arm(
                 conv,
@@ -325,13 +409,17 @@ class Registry:
             log.warning(
                 "work ended for lack of evidence", extra={"resource": conv.id, "reason": reason}
             )
-            conv.set(reducer.fail(conv.snapshot, reason, time.time()))
+            now = time.time()
+            sub = self._subscriptions.get(self.stream_key(conv.id))
+            self.update(conv, lambda s: reducer.fail(s, reason, now), sub)
 
     def _stream_changed_during_work(self, conv: Conversation, before: str, stream: str) -> None:
         if stream == "lost":
             self._disarm(conv)
             reason = "the event stream was lost mid-step and the upstream refused a new one"
-            conv.set(reducer.fail(conv.snapshot, reason, time.time()))
+            now = time.time()
+            sub = self._subscriptions.get(self.stream_key(conv.id))
+            self.update(conv, lambda s: reducer.fail(s, reason, now), sub)
         elif before == "live" and stream in ("reconnecting", "connecting"):
             wait = self.stale_after
             self._arm(
@@ -340,13 +428,14 @@ class Registry:
                 "lost",
                 f"the event stream was lost mid-step and did not come back within {wait:g} s",
             )
-        elif stream == "live" and conv.timer_kind in ("lost", "restart"):
+        elif stream == "live" and conv.timer_kind in ("lost", "restart", "takeover"):
             wait = self.settings.confirm_timeout
-            what = (
-                "the event stream was lost mid-step; once it was back"
-                if conv.timer_kind == "lost"
-                else "the sidecar restarted mid-step; once its stream was back"
-            )
+            what = {
+                "lost": "the event stream was lost mid-step; once it was back",
+                "restart": "the sidecar restarted mid-step; once its stream was back",
+                "takeover": "the replica watching it was lost mid-step; once another's stream"
+                " was live",
+            }[conv.timer_kind]
             self._arm(
                 conv,
                 wait,
@@ -410,6 +499,8 @@ class Registry:
         conv = self._conversations.get(resource_id)
         if conv is None:
             conv = Conversation(resource_id, self.profile.id_is_session, self._persist)
+            if self.fleet is not None:
+                conv.view = View(base=conv.snapshot)  # revision 0: no shared copy yet
             self._conversations[resource_id] = conv
             self._evict_snapshots()
         elif touch:
@@ -466,10 +557,10 @@ class Registry:
         for key in self._subscriptions:  # least recently used first
             conv = self._conversations.get(key)
             if conv is None or not reducer.is_active(conv.snapshot):
-                self._retire(key)  # then return: the loop ends with the change
                 if conv is not None:
+                    self.update(conv, _stream_now("lost"), self._subscriptions[key])
                     conv.subscription = None
-                    conv.set(reducer.stream_changed(conv.snapshot, "lost", time.time()))
+                self._retire(key)  # then return: the loop ends with the change
                 return True
         return False
 
@@ -478,13 +569,14 @@ class Registry:
         if stream == "live" and sub.connects > 1:
             self.reconnects += 1
         now = time.time()
-        targets = self.conversations() if sub.key == _SHARED else [self.get(sub.key)]
-        for conv in targets:
-            if conv is not None:
-                before = conv.snapshot.stream
-                conv.set(reducer.stream_changed(conv.snapshot, stream, now))
-                if reducer.is_active(conv.snapshot):
-                    self._stream_changed_during_work(conv, before, stream)
+        for conv in self.conversations_of(sub.key):
+            before = conv.snapshot.stream
+            self.update(conv, lambda s: reducer.stream_changed(s, stream, now), sub)
+            if reducer.is_active(conv.snapshot):
+                self._stream_changed_during_work(conv, before, stream)
+        if stream == "lost" and self.fleet is not None and sub.key in self.fleet.leases:
+            # Refused (these credentials): another replica's may be let in.
+            asyncio.get_running_loop().create_task(self.fleet.release(sub.key))
 
     def _on_event(self, sub: Subscription, event: ServerSentEvent) -> None:
         try:
@@ -515,7 +607,8 @@ class Registry:
             conv = self._remember(resource_id, touch=False)  # not a read
             conv.subscription = sub
             if conv.snapshot.stream != sub.stream:
-                conv.set(reducer.stream_changed(conv.snapshot, sub.stream, time.time()))
+                now, stream = time.time(), sub.stream
+                self.update(conv, lambda s: reducer.stream_changed(s, stream, now), sub)
         else:
             found = self.get(sub.key)
             if found is None:
@@ -523,15 +616,154 @@ class Registry:
             conv = found
         self._work_seen(conv, event_type)
         if rules is not None:
-            conv.set(reducer.reduce_event(conv.snapshot, rules, data, time.time(), sub.seen))
+            now, seen = time.time(), frozenset(sub.seen)
+            self.update(conv, lambda s: reducer.reduce_event(s, rules, data, now, seen), sub)
 
     def _work_seen(self, conv: Conversation, event_type: str) -> None:
         if event_type in self.profile.content_events:
             conv.changed()
+            if self.fleet is not None:
+                self.fleet.touch(conv.id)  # every replica's long-polls wake
         if event_type not in self.profile.keepalive_events:
             conv.last_work_at = time.monotonic()
             if conv.evidence_timer is not None:
                 self._disarm(conv)
+
+    # --------------------------------------------------------------- fleet
+    # With a shared store (sidecar.fleet), a replica holds some streams under
+    # leases and reads the rest of the fleet's snapshots from Redis.
+
+    def conversations_of(self, key: str) -> list[Conversation]:
+        """The conversations whose events come on stream ``key``."""
+        if key == _SHARED:
+            return self.conversations()
+        conv = self.get(key)
+        return [conv] if conv is not None else []
+
+    def stream_keys(self) -> list[str]:
+        return list(self._subscriptions)
+
+    def own_credentials(self) -> dict[str, str]:
+        """What a stream no client asked for is opened with (a takeover, a restore)."""
+        return self._credentials({})
+
+    def remember(self, resource_id: str) -> Conversation:
+        return self._remember(resource_id, touch=False)
+
+    def take_over(self, key: str, credentials: dict[str, str], lease: str) -> bool:
+        """This replica now holds the lease of stream ``key``: open it.
+
+        Work in flight must show an event within ``confirm_timeout`` of the
+        new stream being live (as after a restart), or it ends failed."""
+        assert self.fleet is not None
+        old = self._subscriptions.get(key)
+        if old is not None:
+            self._subscriptions.pop(key)
+            asyncio.get_running_loop().create_task(old.close())
+        last_event_id = None
+        convs = self.conversations_of(key)
+        for conv in convs:
+            if conv.view is not None and conv.view.holder not in (None, self.fleet.replica):
+                self.fleet.counts["takeovers"] += 1
+                if key:
+                    last_event_id = conv.view.last_event_id  # resumed where the holder was
+                break
+        sub = self._open(key, credentials, last_event_id=last_event_id)
+        if sub is None:
+            return False
+        for conv in convs:
+            conv.subscription = sub
+            if reducer.is_active(conv.snapshot):
+                wait = self.stale_after
+                self._arm(
+                    conv,
+                    wait,
+                    "takeover",
+                    "the replica watching it was lost mid-step and no stream came back "
+                    f"within {wait:g} s",
+                )
+        log.info("stream taken", extra={"key": key or "*", "lease": lease})
+        return True
+
+    def lease_lost(self, key: str) -> None:
+        """Another replica holds this stream now: close ours, follow the shared copy."""
+        sub = self._subscriptions.pop(key, None)
+        if sub is not None:
+            asyncio.get_running_loop().create_task(sub.close())
+        for conv in self.conversations_of(key):
+            conv.subscription = None
+            self._disarm(conv)
+            self.rebased(conv)
+
+    def fleet_degraded(self) -> None:
+        """The shared store is gone: every conversation served here gets its own stream."""
+        assert self.fleet is not None
+        for conv in self.conversations():
+            key = self.stream_key(conv.id)
+            if key in self._subscriptions:
+                continue
+            credentials = self.fleet.standby.get(key)
+            if credentials is None and not conv.authorised:
+                continue
+            sub = self._open(
+                key, credentials if credentials is not None else self.own_credentials()
+            )
+            if sub is not None:
+                conv.subscription = sub
+
+    def adopt(
+        self,
+        conv: Conversation,
+        base: Snapshot,
+        transitions: list[dict[str, Any]],
+        last_event_id: str | None,
+    ) -> None:
+        """Another replica wrote this conversation's shared snapshot."""
+        was_active = reducer.is_active(conv.snapshot)
+        self.rebased(conv)
+        if transitions:
+            conv.transitions = list(transitions)[-TRANSITIONS_KEPT:]
+        if not was_active and reducer.is_active(conv.snapshot) and conv.evidence_timer is None:
+            self._arm_start(conv)  # a step accepted elsewhere, watched here
+
+    def rebased(self, conv: Conversation) -> None:
+        """This replica's copy: the shared snapshot, with the changes not written yet."""
+        view = conv.view
+        if view is None or view.base is None:
+            return
+        snap = view.base
+        for change in view.pending:
+            snap = change.op(snap)
+        key = self.stream_key(conv.id)
+        sub = self._subscriptions.get(key)
+        assert self.fleet is not None
+        if sub is not None:
+            stream = sub.stream
+        elif snap.stream == "live" and not self.fleet.alive(view.holder or ""):
+            stream = "reconnecting"  # its holder is silent: not believed
+        else:
+            stream = snap.stream
+        if stream != snap.stream:
+            snap = dataclasses.replace(snap, stream=stream)
+        if snap != conv.snapshot:
+            conv.set(snap)
+
+    def holders_checked(self) -> None:
+        """After a heartbeat: streams whose holder fell silent read
+        ``reconnecting``, and are claimed by this replica if it can."""
+        fleet = self.fleet
+        assert fleet is not None
+        for conv in self.conversations():
+            view = conv.view
+            if view is None or view.base is None:
+                continue
+            key = self.stream_key(conv.id)
+            if key in self._subscriptions:
+                continue
+            if not fleet.alive(view.holder or ""):
+                self.rebased(conv)
+                if fleet.degraded is None:
+                    fleet.claim_soon(key, None)
 
     # ------------------------------------------------------------ closing
     def _retire(self, key: str) -> None:
@@ -541,6 +773,8 @@ class Registry:
             self.oversized_retired += sub.decoder.oversized
             if not sub.finished:
                 asyncio.get_running_loop().create_task(sub.close())
+        if self.fleet is not None and key in self.fleet.leases:
+            asyncio.get_running_loop().create_task(self.fleet.release(key))
 
     @property
     def oversized_events(self) -> int:

@@ -145,8 +145,9 @@ class Snapshot:
         }
 
     @classmethod
-    def restored(cls, kept: dict[str, Any]) -> Snapshot:
-        """The snapshot :meth:`lasting` kept; its stream is ``connecting`` again."""
+    def restored(cls, kept: dict[str, Any], stream: str | None = None) -> Snapshot:
+        """The snapshot :meth:`lasting` kept; its stream is ``connecting`` again
+        (or ``stream``: the shared store's holder says how its stream is)."""
         return cls(
             status=str(kept.get("status", "unknown")),
             last_error=kept.get("last_error"),
@@ -156,6 +157,7 @@ class Snapshot:
             updated_at=kept.get("updated_at"),
             version=int(kept.get("version") or 0),
             state_seq=int(kept.get("state_seq") or 0),
+            stream=stream if stream in STREAM_STATES else "connecting",
         )
 
     @cached_property

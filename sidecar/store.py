@@ -34,11 +34,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .snapshot import ACTIVE
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -285,10 +288,24 @@ def default_path(upstream: str) -> Path:
     return Path(base) / "sidecar" / f"{name.strip('_') or 'upstream'}.db"
 
 
-def open_store(spec: str, upstream: str, flush_every: float, retention: float) -> Store:
-    """``memory``, ``sqlite:PATH``, or ``sqlite`` (the default path for this upstream)."""
+def open_store(settings: Settings) -> Store:
+    """``memory``, ``sqlite:PATH``, ``sqlite`` (the default path for this
+    upstream), or ``redis://…`` (shared: :mod:`sidecar.fleet`)."""
+    spec = settings.store
     if spec == "memory":
         return MemoryStore()
+    if spec.startswith(("redis://", "rediss://")):
+        from .fleet import RedisStore
+
+        return RedisStore(
+            spec,
+            prefix=settings.store_prefix,
+            password=settings.store_password,
+            timeout=settings.store_timeout,
+            lease_ttl=settings.lease_ttl,
+            retention=settings.retention,
+        )
+    upstream, flush_every, retention = settings.upstream, settings.store_flush, settings.retention
     path = Path(spec.partition(":")[2]) if spec.startswith("sqlite:") else default_path(upstream)
     store = SqliteStore(path, flush_every, retention)
     store.open()

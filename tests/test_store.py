@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config import Settings
 from sidecar.fake import Outcome
 from sidecar.store import Record, SqliteStore, StoreInUse, StoreTooNew, open_store
 
@@ -94,7 +95,9 @@ def test_a_file_from_a_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_an_unusable_place_degrades_to_memory(tmp_path: Path) -> None:
     not_a_dir = tmp_path / "a-file"
     not_a_dir.write_text("x")  # even root cannot make a directory under a file
-    store = open_store(f"sqlite:{not_a_dir / 'state.db'}", "http://x", 0.01, 3600)
+    store = open_store(
+        Settings(upstream="http://x", store=f"sqlite:{not_a_dir / 'state.db'}", store_flush=0.01)
+    )
     assert store.degraded is not None and "cannot create" in store.degraded
     assert store.load() == []
     store.save(record("a"))  # accepted, kept nowhere: the proxy goes on
