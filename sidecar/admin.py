@@ -218,7 +218,7 @@ def add_admin_routes(
                 "last_probe_at": iso_time(health.last_probe_at),
                 "error": health.last_probe_error,
             },
-            "store": {"kind": registry().store.kind, "degraded": registry().store.degraded},
+            "store": _store_state(registry().store),
             "subscriptions": {
                 state: sum(1 for s in subs if s.stream == state)
                 for state in ("connecting", "live", "reconnecting", "lost")
@@ -304,3 +304,12 @@ def add_admin_routes(
     else:
         routes.append(web.route("*", f"{prefix}/{{tail:.*}}", closed))
     app.router.add_routes(routes)
+
+
+def _store_state(store: Any) -> dict[str, Any]:
+    """The store's kind and health; a fleet's replica also says its name and leases."""
+    state: dict[str, Any] = {"kind": store.kind, "degraded": store.degraded}
+    if getattr(store, "shared", False):
+        state["replica"] = store.replica
+        state["leases"] = len(store.leases)
+    return state

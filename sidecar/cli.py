@@ -229,9 +229,17 @@ def example_config() -> str:
 
 
 def serve(settings: Settings, profile: Profile) -> int:
+    setup_logging(settings.log_level)
+    if settings.workers > 1:
+        from .workers import supervise
+
+        return supervise(settings, lambda: _serve_one(settings, profile))
+    return _serve_one(settings, profile)
+
+
+def _serve_one(settings: Settings, profile: Profile) -> int:
     from .server import run
 
-    setup_logging(settings.log_level)
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
         import uvloop

@@ -294,10 +294,13 @@ class RedisStore(Store):
         registry = self._registry
         assert registry is not None and self._redis is not None
         await self._call(self._redis.ping())
+        for conv in registry.conversations():
+            if conv.view is not None:
+                conv.view.rev = 0  # Redis may have lost everything: its copy is the truth again
         for key in registry.stream_keys():
             value = await self._try_acquire(key)
             if value is None:
-                registry.lease_lost(key)
+                registry.lease_lost(key, follow=False)  # until the holder's copy is read
                 continue
             for conv in registry.conversations_of(key):
                 await self._force(conv, value)

@@ -134,10 +134,16 @@ class Front:
         self._sweeper: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
 
-    async def listen(self, host: str, port: int) -> asyncio.Server:
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> asyncio.Server:
+        """``reuse_port``: several processes share the port (``workers``)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, backlog=1024, reuse_address=True
+            lambda: _Connection(self),
+            host,
+            port,
+            backlog=1024,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         self._sweeper = loop.call_later(self._sweep_every, self._sweep)
         return self._server

@@ -685,15 +685,17 @@ class Registry:
         log.info("stream taken", extra={"key": key or "*", "lease": lease})
         return True
 
-    def lease_lost(self, key: str) -> None:
-        """Another replica holds this stream now: close ours, follow the shared copy."""
+    def lease_lost(self, key: str, follow: bool = True) -> None:
+        """Another replica holds this stream now: close ours, follow the shared
+        copy (``follow``: now; else from the next one read)."""
         sub = self._subscriptions.pop(key, None)
         if sub is not None:
             asyncio.get_running_loop().create_task(sub.close())
         for conv in self.conversations_of(key):
             conv.subscription = None
             self._disarm(conv)
-            self.rebased(conv)
+            if follow:
+                self.rebased(conv)
 
     def fleet_degraded(self) -> None:
         """The shared store is gone: every conversation served here gets its own stream."""

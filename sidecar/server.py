@@ -92,14 +92,20 @@ class Server:
             max_connections=settings.max_connections,
             serve_gets=settings.front_door,
         )
-        listening = await self.front.listen(settings.host, settings.port)
+        shared = settings.workers > 1
+        listening = await self.front.listen(settings.host, settings.port, reuse_port=shared)
         self.port = listening.sockets[0].getsockname()[1]
         if settings.admin_port is not None:
             self.admin_runner = web.AppRunner(
                 create_admin_app(self.app), access_log=None, handle_signals=False
             )
             await self.admin_runner.setup()
-            site = web.TCPSite(self.admin_runner, settings.admin_host, settings.admin_port)
+            site = web.TCPSite(
+                self.admin_runner,
+                settings.admin_host,
+                settings.admin_port,
+                reuse_port=shared or None,
+            )
             await site.start()
             self.admin_port = self.admin_runner.addresses[0][1]
 
