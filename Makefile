@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint types unit browser upstreams bench soak clean
+.PHONY: demo test lint types unit browser redis upstreams bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,21 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 	    >/dev/null 2>&1 || echo "warning: could not install chromium; its test will be skipped"; }
 
+# The fleet tests run replicas against a real redis-server (Debian's package),
+# started on a free port in a temporary directory.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server from Debian's packages for the fleet tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) \
+	    >/dev/null 2>&1 || { echo "error: could not install redis-server (apt-get install redis-server)"; exit 1; }; }
+
 # The conformance suite runs against the released servers, installed once
 # into .cache/upstreams (gptme-server 0.31.0 and 0.35.1 from PyPI, opencode
 # 1.18.33 from npm). A failed install stops here, naming the server.
 upstreams: $(STAMP)
 	$(BIN)/python -m tests.real.servers install
 
-unit: $(STAMP) browser upstreams
+unit: $(STAMP) browser redis upstreams
 	$(BIN)/python -m pytest -q
 
 test: lint types unit

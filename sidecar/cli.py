@@ -26,7 +26,15 @@ from typing import Any
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
-from .config import CHECK_OPTIONS, OPTIONS, ConfigError, Option, Settings, load_settings
+from .config import (
+    CHECK_OPTIONS,
+    OPTIONS,
+    ConfigError,
+    Option,
+    Settings,
+    load_settings,
+    masked_url,
+)
 from .profile import Profile, ProfileError, load_profile
 from .store import StoreInUse, StoreTooNew
 
@@ -202,8 +210,10 @@ def settings_toml(settings: Settings, profile: Profile) -> str:
         value = getattr(settings, option.name)
         if option.name == "stale_after" and value is None:
             value = 3 * profile.heartbeat_seconds
-        if option.secret and value:
-            lines.append(f"# {option.name} = ... (set, not shown)")
+        if (option.secret and value) or (
+            option.name == "store" and masked_url(str(value)) != value
+        ):
+            lines.append(f"# {option.name} = ... (set, not shown: it holds a password)")
         elif value is None:
             lines.append(f"# {option.name}: not set")
         else:

@@ -336,8 +336,20 @@ class Settings:
             value = getattr(self, f.name)
             if _BY_NAME[f.name].secret and value:
                 value = "***"
+            elif f.name == "store":
+                value = masked_url(value)
             out[f.name] = value
         return out
+
+
+def masked_url(url: str) -> str:
+    """A URL with its password (``redis://:secret@host``) masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def _coerce(option: Option, value: Any, source: str) -> Any:

@@ -161,3 +161,69 @@ async def test_the_container_health_check_follows_the_admin_port(start_sidecar) 
         sys.executable, "-c", argv[2], env=env, stderr=asyncio.subprocess.DEVNULL
     )
     assert await proc.wait() != 0
+
+
+def gateway() -> list[dict]:
+    return list(yaml.safe_load_all((ROOT / "config/kubernetes-gateway.yaml").read_text()))
+
+
+def _named(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "1.32.0", "1.35.0", "1.37.0"])
+def test_the_gateway_example_is_valid_on_the_versions_it_names(version: str) -> None:
+    for doc in gateway():
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert "Kubernetes 1.30 and newer" in (ROOT / "config/kubernetes-gateway.yaml").read_text()
+
+
+def test_the_gateway_example_matches_the_code() -> None:
+    docs = gateway()
+    deployment = _named(docs, "Deployment", "sidecar-gateway")
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]["spec"]
+    (sidecar,) = pod["containers"]
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in docs if d["kind"] == "Secret"}
+
+    def value(entry: dict) -> str:
+        if "value" in entry:
+            return re.sub(r"\$\((\w+)\)", lambda m: env_values[m.group(1)], entry["value"])
+        ref = entry["valueFrom"]["secretKeyRef"]
+        return secrets[ref["name"]][ref["key"]]
+
+    env_values: dict[str, str] = {}
+    for entry in sidecar["env"]:  # in order: $(NAME) names an earlier one
+        env_values[entry["name"]] = value(entry)
+    env = {k: v for k, v in env_values.items() if k.startswith("SIDECAR_")}
+    assert set(env) <= OPTION_ENV
+    settings = load_settings(env=env)
+    # The store is the Redis of this file, with its password; the upstream is
+    # the gptme Service, watched with the replicas' own token.
+    redis = _named(docs, "Service", "sidecar-redis")
+    (redis_port,) = redis["spec"]["ports"]
+    assert settings.store == f"redis://sidecar-redis:{redis_port['port']}/0"
+    redis_pod = _named(docs, "Deployment", "sidecar-redis")["spec"]["template"]["spec"]
+    (redis_container,) = redis_pod["containers"]
+    assert "--requirepass" in redis_container["args"]
+    assert settings.store_password == secrets["sidecar-redis"]["password"]
+    assert settings.upstream_authorization == f"Bearer {secrets['gptme-server']['token']}"
+    # Probes on the admin port, at paths it serves; ready while Redis is away.
+    served = admin_paths()
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = sidecar[probe]["httpGet"]
+        assert get["port"] == "admin" and get["path"] in served
+    # A drain takes one replica at a time, and a rolling update none before its successor.
+    pdb = _named(docs, "PodDisruptionBudget", "sidecar-gateway")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["maxUnavailable"] < deployment["spec"]["replicas"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    service = _named(docs, "Service", "sidecar-gateway")
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == settings.port
+    # The shutdown fits: endpoint drain, then the grace, within the pod's.
+    drain = sidecar["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert drain + settings.shutdown_grace < pod["terminationGracePeriodSeconds"]

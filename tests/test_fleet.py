@@ -32,8 +32,9 @@ LEASE_TTL = 2.0
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *options: str) -> None:
         self.directory = directory
+        self.options = list(options)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -45,14 +46,14 @@ class RedisServer:
         assert REDIS is not None, "redis-server is missing: `make test` installs it"
         self.proc = subprocess.Popen(
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes", *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket_to(self.port) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                     return
             time.sleep(0.02)
         raise AssertionError("redis-server did not start")
@@ -92,6 +93,7 @@ class Replica:
             "--start-timeout", "30", *extra,
         ]  # fmt: skip
         self.proc: asyncio.subprocess.Process | None = None
+        self.env: dict[str, str] = {}
 
     @property
     def url(self) -> str:
@@ -99,7 +101,7 @@ class Replica:
 
     async def start(self, http: aiohttp.ClientSession) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sidecar", *self.args,
+            sys.executable, "-m", "sidecar", *self.args, env={**os.environ, **self.env},
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         for _ in range(300):
@@ -465,3 +467,41 @@ async def _settled(f: Fleet, replica: Replica, cid: str) -> dict[str, Any] | Non
 
 async def _metric_is(replica: Replica, http: Any, name: str, value: float) -> bool:
     return await replica.metric(http, name) == value
+
+
+async def test_a_redis_password_from_the_environment_and_a_wrong_one(
+    http: aiohttp.ClientSession, serve: Start, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path, "--requirepass", "s3cret")
+    redis.start()
+    try:
+        upstream_fake = FakeGptme("0.31.0")
+        server = await serve(upstream_fake.app)
+        upstream = str(server.make_url("")).rstrip("/")
+        for password, degraded in (("s3cret", False), ("wrong", True)):
+            replica = Replica(upstream, redis.url, "pw:", [])
+            replica.env = {"SIDECAR_STORE_PASSWORD": password}
+            await replica.start(http)
+            try:
+                ready = await replica.ready(http)
+                assert ready["ready"] is True
+                assert bool(ready["store"]["degraded"]) is degraded, ready
+                if degraded:  # said plainly, and the proxy still serves
+                    assert "invalid" in ready["store"]["degraded"].lower(), ready
+                    async with http.get(f"{replica.url}/api/v2/conversations") as resp:
+                        assert resp.status == 200
+            finally:
+                replica.signal(signal.SIGTERM)
+                assert replica.proc is not None
+                await replica.proc.wait()
+    finally:
+        redis.stop()
+
+
+def test_a_password_in_the_store_url_is_never_printed() -> None:
+    from .test_cli import run
+
+    done = run("config", "--upstream", "http://127.0.0.1:9", "--store", "redis://:pw1@r:6379/0")
+    assert done.returncode == 0 and "pw1" not in done.stdout
+    done = run("config", "--json", "--upstream", "http://127.0.0.1:9", "--store", "redis://u:pw1@r")
+    assert done.returncode == 0 and "pw1" not in done.stdout and "u:***@r" in done.stdout
