@@ -54,6 +54,7 @@ test: lint types unit
 # need wrk and nginx (apt-get install -y wrk nginx).
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/fleet.py
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py

@@ -205,6 +205,9 @@ class RedisStore(Store):
             "reads": 0,
         }
         self._scripts: dict[str, Any] = {}
+        #: Reads of a resource's shared snapshot: the one sent, and the one queued behind it.
+        self._running: dict[str, asyncio.Task[tuple[Any, Any]]] = {}
+        self._queued: dict[str, asyncio.Task[tuple[Any, Any]]] = {}
 
     # ------------------------------------------------------------ keys
     def _rec(self, resource_id: str) -> str:
@@ -462,15 +465,44 @@ class RedisStore(Store):
             self._adopt(conv, int(rev), data)
 
     def fetch_soon(self, resource_id: str) -> asyncio.Task[tuple[Any, Any]] | None:
-        """Start reading a shared snapshot (a GET overlaps it with the upstream's answer)."""
+        """Start reading a shared snapshot (a GET overlaps it with the upstream's answer).
+
+        Reads of one resource are coalesced: a GET joins the read that is
+        queued behind the one in flight (it is sent after the GET arrived, so
+        it sees every write the GET could have seen), or queues one itself.
+        Under load, one Redis read per round trip per resource, not per GET.
+        """
         if self._redis is None or self.degraded is not None:
             return None
-        self.counts["reads"] += 1
+        queued = self._queued.get(resource_id)
+        if queued is not None:
+            return queued
         task = asyncio.get_running_loop().create_task(
-            self._call(self._redis.hmget(self._rec(resource_id), "rev", "data"))
+            self._read(resource_id, self._running.get(resource_id))
         )
+        self._queued[resource_id] = task
         task.add_done_callback(_consume)  # read or not, its failure is never left unseen
         return task
+
+    async def _read(
+        self, resource_id: str, before: asyncio.Task[tuple[Any, Any]] | None
+    ) -> tuple[Any, Any]:
+        me = asyncio.current_task()
+        if before is not None and not before.done():
+            await asyncio.wait([before])
+        if self._queued.get(resource_id) is me:
+            del self._queued[resource_id]
+        self._running[resource_id] = me  # type: ignore[assignment]
+        try:
+            assert self._redis is not None
+            self.counts["reads"] += 1
+            result: tuple[Any, Any] = await self._call(
+                self._redis.hmget(self._rec(resource_id), "rev", "data")
+            )
+            return result
+        finally:
+            if self._running.get(resource_id) is me:
+                del self._running[resource_id]
 
     async def fetched(self, conv: Conversation, task: asyncio.Task[tuple[Any, Any]]) -> None:
         try:
