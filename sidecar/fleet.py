@@ -388,10 +388,13 @@ class RedisStore(Store):
             await self.release(key)
 
     async def release(self, key: str) -> None:
+        """Give a lease back (another replica may take it at once)."""
         value = self.leases.pop(key, None)
         if value is None or self.degraded is not None:
             return
-        with contextlib.suppress(StoreError):
+        # Also at shutdown, when the client may be closing: a lease not given
+        # back lapses after lease_ttl anyway.
+        with contextlib.suppress(Exception):
             await self._call(self._scripts["release"](keys=[self._lease(key)], args=[value]))
 
     def alive(self, replica: str) -> bool:

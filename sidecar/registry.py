@@ -755,6 +755,8 @@ class Registry:
         ``reconnecting``, and are claimed by this replica if it can."""
         fleet = self.fleet
         assert fleet is not None
+        if fleet.degraded is not None:
+            return  # alone: every conversation served here has its own stream
         for conv in self.conversations():
             view = conv.view
             if view is None or view.base is None:
