@@ -31,23 +31,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import Processes, free_port, wait_port, wrk  # noqa: E402
+from run import NGINX_HEAD, Processes, free_port, wait_port, wrk  # noqa: E402
 from upstream import SIZES, conversation  # noqa: E402
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream events {{ server 127.0.0.1:{events}; keepalive 64; }}
+NGINX_CONF = (
+    NGINX_HEAD
+    + """    upstream events {{ server 127.0.0.1:{events}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
         location ~ ^/api/v2/conversations/[^/]+/events$ {{
@@ -64,6 +53,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def main() -> int:

@@ -45,7 +45,9 @@ from sidecar.snapshot import Snapshot  # noqa: E402
 SIZES = ("c2k", "c64k", "c1m")
 LABELS = {"c2k": "2 KiB", "c64k": "64 KiB", "c1m": "1 MiB"}
 
-NGINX_CONF = """
+#: nginx with one worker, every path under the run's temporary directory;
+#: each bench adds its ``http`` block's upstreams and server.
+NGINX_HEAD = """
 worker_processes 1;
 daemon off;
 pid {tmp}/nginx.pid;
@@ -58,7 +60,10 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+"""
+NGINX_CONF = (
+    NGINX_HEAD
+    + """    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -70,6 +75,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def free_port() -> int:

@@ -520,15 +520,14 @@ class RedisStore(Store):
         view = conv.view
         if view is None or rev <= view.rev:
             return
-        try:
-            doc = orjson.loads(data)
-            base = Snapshot.restored(doc["snapshot"], stream=doc["snapshot"].get("stream"))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        doc = _read_record(view, rev, data)
+        if doc is None:
             return
-        view.rev, view.base, view.holder = rev, base, doc.get("holder")
-        view.last_event_id = doc.get("last_event_id")
         assert self._registry is not None
-        self._registry.adopt(conv, base, doc.get("transitions") or [], doc.get("last_event_id"))
+        assert view.base is not None
+        self._registry.adopt(
+            conv, view.base, doc.get("transitions") or [], doc.get("last_event_id")
+        )
 
     async def _listen(self) -> None:
         """Every replica's writes and heartbeats, as they happen."""
@@ -654,14 +653,8 @@ class RedisStore(Store):
                 continue
             if outcome == 0:
                 self.counts["conflicts"] += 1
-                data = result[2]
-                view.rev = int(result[1])
-                if data is not None:
-                    doc = orjson.loads(data)
-                    view.base = Snapshot.restored(
-                        doc["snapshot"], stream=doc["snapshot"].get("stream")
-                    )
-                    view.holder = doc.get("holder")
+                if result[2] is None or _read_record(view, int(result[1]), result[2]) is None:
+                    view.rev = int(result[1])
                 continue
             self.counts["writes"] += 1
             view.rev, view.base = int(result[1]), snap
@@ -686,6 +679,18 @@ class RedisStore(Store):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await asyncio.gather(*waiting)
+
+
+def _read_record(view: View, rev: int, data: bytes) -> dict[str, Any] | None:
+    """A shared record (revision ``rev``) made the view's base; None if unreadable."""
+    try:
+        doc = orjson.loads(data)
+        base = Snapshot.restored(doc["snapshot"], stream=doc["snapshot"].get("stream"))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    view.rev, view.base, view.holder = rev, base, doc.get("holder")
+    view.last_event_id = doc.get("last_event_id")
+    return dict(doc)
 
 
 def _consume(task: asyncio.Task[Any]) -> None:
