@@ -57,7 +57,9 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     if registry.fleet is not None:
         await registry.fleet.start(registry)
     app[METRICS].watch(registry)
-    app[PROXY] = Proxy(settings, profile, registry, requests, app[METRICS])
+    proxy = app[PROXY] = Proxy(settings, profile, registry, requests, app[METRICS])
+    if proxy.cache is not None:
+        app[METRICS].watch_cache(proxy.cache)
     probe = probe_upstream(app[HEALTH], settings, profile, requests)
     await anext(probe)
     try:

@@ -76,6 +76,12 @@ def _store(value: str) -> str:
     )
 
 
+def _cache(value: str) -> str:
+    if value not in ("off", "events"):
+        raise ValueError("must be off or events")
+    return value
+
+
 def _level(value: str) -> str:
     if value.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError("must be debug, info, warning or error")
@@ -199,6 +205,20 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("merge_limit", int, "largest body merged, bytes", _count),
     Option(
+        "cache",
+        str,
+        "off, or events: answer an enrich GET from the upstream's last answer while its "
+        "stream is live and no content event nor write came since",
+        _cache,
+    ),
+    Option(
+        "cache_max_age",
+        float,
+        "seconds a cached answer is reused at most, events or not",
+        _positive,
+    ),
+    Option("cache_max_bytes", int, "bytes the response cache holds at most", _count),
+    Option(
         "max_merge_memory",
         int,
         "bytes of answers held for merging at once (503 beyond)",
@@ -309,6 +329,9 @@ class Settings:
     store_flush: float = 0.1
     retention: float = 7 * 24 * 3600.0
     merge_limit: int = 32 * 1024 * 1024
+    cache: str = "off"
+    cache_max_age: float = 5.0
+    cache_max_bytes: int = 64 * 1024 * 1024
     max_merge_memory: int = 256 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
     max_request_body: int = 1024**3

@@ -90,6 +90,7 @@ class FakeGptme:
         etag: bool | None = None,
         heartbeat: float = 15.0,
         outcome: Outcome | None = None,
+        get_delay: float = 0.0,
     ) -> None:
         if version not in ("0.31.0", "0.35.1"):
             raise ValueError(f"unknown version {version!r}")
@@ -101,6 +102,8 @@ class FakeGptme:
         self.etag = modern if etag is None else etag
         self.heartbeat = heartbeat
         self.outcome = outcome or Outcome()
+        #: Seconds a conversation's GET takes (the real server's is ~70 ms at 64 KiB).
+        self.get_delay = get_delay
         self.conversations: dict[str, Conversation] = {}
         self.sessions: dict[str, Session] = {}
         self.silent = False
@@ -223,6 +226,8 @@ class FakeGptme:
         )
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
+        if self.get_delay:
+            await asyncio.sleep(self.get_delay)
         cid = request.match_info["id"]
         conv = self.conversations.get(cid)
         if conv is None:

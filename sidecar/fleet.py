@@ -565,7 +565,7 @@ class RedisStore(Store):
             if sender.decode() != self.replica and self._registry is not None:
                 conv = self._registry.get(resource_id.decode())
                 if conv is not None:
-                    conv.changed()  # its body changed upstream: long-polls wake
+                    conv.content_changed()  # its body changed upstream: long-polls wake
             return
         if kind != b"rec":
             return

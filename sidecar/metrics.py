@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .cache import ResponseCache
 from .registry import Registry
 
 __all__ = ["Metrics"]
@@ -76,6 +77,10 @@ class Metrics:
         """Read the registry's live figures at every scrape."""
         self.registry.register(_RegistryCollector(registry))
 
+    def watch_cache(self, cache: ResponseCache) -> None:
+        """Read the response cache's figures at every scrape."""
+        self.registry.register(_CacheCollector(cache))
+
 
 class _Histogram:
     """Counts per bucket (each value in the first bucket whose bound is >= it)."""
@@ -125,6 +130,30 @@ class _ProxyCollector(Collector):
             "Enrich responses, by result: merged, or passed unchanged (and why).",
             ("result",),
             m.merges,
+        )
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: ResponseCache) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self._cache
+        yield _labelled_counter(
+            "sidecar_cache_requests_total",
+            "Enrich GETs with the response cache on, by result and reason: hit (fresh, "
+            "collapsed: waited for another request's answer), miss (absent, expired, content: "
+            "a content event or a write since, stream: not live throughout, vary), bypass "
+            "(not_live, no_cache: the client asked, unauthorised), revalidated (not_modified, "
+            "modified: the upstream's answer to the entry's validator).",
+            ("result", "reason"),
+            cache.counts,
+        )
+        yield _gauge("sidecar_cache_entries", "Answers held by the response cache.", len(cache))
+        yield _gauge(
+            "sidecar_cache_bytes",
+            "Bytes held by the response cache (bound: cache_max_bytes).",
+            cache.bytes,
         )
 
 

@@ -61,6 +61,8 @@ class PathTemplate:
         head, _, tail = template.partition("{id}")
         regex = re.escape(head) + ("([^/?#]+)" + re.escape(tail) if self.has_id else "")
         self._regex = re.compile(regex + r"\Z")
+        #: The template's path or any path below it.
+        self._prefix = re.compile(regex + r"(?:/|\Z)")
 
     def match(self, raw_path: str) -> str | None:
         """The decoded resource id if ``raw_path`` (no query) fits, else None.
@@ -78,6 +80,16 @@ class PathTemplate:
         if not valid_id(resource_id, self._id_pattern):
             return None
         return resource_id
+
+    def match_below(self, raw_path: str) -> str | None:
+        """Like :meth:`match`, for the template's path or any path below it."""
+        m = self._prefix.match(raw_path)
+        if m is None or not self.has_id:
+            return None
+        resource_id = m.group(1)
+        if "%" in resource_id:
+            resource_id = unquote(resource_id, errors="strict")
+        return resource_id if valid_id(resource_id, self._id_pattern) else None
 
     def build(self, resource_id: str) -> str:
         return self.template.replace("{id}", quote(resource_id, safe=""))
@@ -217,6 +229,12 @@ class Profile:
                 if resource_id is not None:
                     return resource_id
         return None
+
+    def match_owner(self, raw_path: str) -> str | None:
+        """The resource whose body a write to this path may change: any of
+        its paths, or any path below the enrich target's (gptme's
+        ``.../messages/3``, ``.../config``; opencode's ``.../revert``)."""
+        return self.match_resource(raw_path) or self.enrich.match_below(raw_path)
 
     def valid_id(self, resource_id: str) -> bool:
         return valid_id(resource_id, self.id_pattern)

@@ -33,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import http1, merge, reducer
+from .cache import Baseline, Entry, Key, ResponseCache
 from .config import Settings
 from .http1 import UpstreamResponse
 from .metrics import Metrics
@@ -290,6 +291,12 @@ class Proxy:
             else None
         )
         self._base_path = self.upstream.raw_path.rstrip("/")
+        #: The event-validated response cache (see sidecar.cache), or None.
+        self.cache = (
+            ResponseCache(settings.cache_max_age, settings.cache_max_bytes)
+            if settings.cache == "events"
+            else None
+        )
 
     def close(self) -> None:
         if self._pool is not None:
@@ -347,7 +354,9 @@ class Proxy:
             resource_id = self.profile.stream.match(path) if self.profile.stream.has_id else None
         else:
             resource_id = self.profile.match_resource(path)
-        return self._pass(exchange, target, resource_id)
+        # A request that may change a resource's body (not a GET or HEAD).
+        owner = None if exchange.method in ("GET", "HEAD") else self.profile.match_owner(path)
+        return self._pass(exchange, target, resource_id, owner)
 
     async def serve(self, exchange: Exchange, path: str, work: Awaitable[None]) -> None:
         """Run one exchange's work; every failure becomes a clear answer, then a metric."""
@@ -519,8 +528,14 @@ class Proxy:
                 self.large_answers += 1
 
     # ------------------------------------------------------------ plain
-    async def _pass(self, exchange: Exchange, target: str, resource_id: str | None) -> None:
-        upstream = await self._send(exchange, target)
+    async def _pass(
+        self, exchange: Exchange, target: str, resource_id: str | None, owner: str | None = None
+    ) -> None:
+        try:
+            upstream = await self._send(exchange, target)
+        finally:
+            if owner is not None:
+                self._write_answered(owner)  # before its client can read again
         if resource_id is not None and 200 <= upstream.status < 300:
             # The upstream accepted this client's request for the resource
             # (gptme: the PUT that creates a conversation): observe it now.
@@ -528,6 +543,13 @@ class Proxy:
             if exchange.method not in ("GET", "HEAD"):
                 conv.changed()  # its body may have changed: served tags are stale
         await self._relay(exchange, upstream)
+
+    def _write_answered(self, resource_id: str) -> None:
+        """A request that may change the resource's body was answered (any
+        status, or none): no body fetched before is reused."""
+        conv = self.registry.get(resource_id)
+        if conv is not None:
+            conv.write_answered()
 
     async def _create(self, exchange: Exchange, target: str) -> None:
         """A request that creates a resource (opencode's ``POST /session``):
@@ -571,7 +593,10 @@ class Proxy:
                 raise self._stalled() from None
             body = _json_object(data)
         token = reducer.trigger_token(conv.snapshot) if conv is not None else None
-        upstream = await self._send(exchange, target, data=data)
+        try:
+            upstream = await self._send(exchange, target, data=data)
+        finally:
+            self._write_answered(resource_id)  # a step may write to it at once
         if 200 <= upstream.status < 300:
             conv = self.registry.observe(resource_id, request.headers)
             session_id = _json_field(body, trigger.session_field)
@@ -617,6 +642,27 @@ class Proxy:
         conv = self.registry.get(resource_id)
         if conv is not None and fingerprint in conv.authorised:
             await self._hold_until_changed(exchange, conv)
+        fill: _Fill | None = None
+        if self.cache is not None:
+            fill = await self._from_cache(exchange, target, conv, fingerprint)
+            if fill is None:
+                return  # answered from the cache
+        try:
+            await self._ask_and_merge(exchange, target, resource_id, conv, fingerprint, fill)
+        finally:
+            if fill is not None and fill.future is not None:
+                assert self.cache is not None
+                self.cache.fetched(fill.key, fill.future, fill.stored)
+
+    async def _ask_and_merge(
+        self,
+        exchange: Exchange,
+        target: str,
+        resource_id: str,
+        conv: Conversation | None,
+        fingerprint: str,
+        fill: _Fill | None,
+    ) -> None:
         headers = request_headers(exchange, self.upstream, self.settings.preserve_host, self.via)
         # A shared store: its snapshot is read while the upstream answers.
         shared = self.registry.fetch_soon(resource_id)
@@ -630,6 +676,10 @@ class Proxy:
                     headers.popall("If-None-Match", None)
                 else:
                     headers["If-None-Match"] = translated
+            revalidating = fill is not None and fill.validate("If-None-Match" not in headers)
+            if revalidating:
+                assert fill is not None and fill.entry is not None and fill.entry.upstream_tag
+                headers["If-None-Match"] = fill.entry.upstream_tag
             upstream = await self._send(exchange, target, headers=headers)
             if not (200 <= upstream.status < 300 or upstream.status == 304):
                 if conv is not None and upstream.status in (401, 403):
@@ -644,8 +694,24 @@ class Proxy:
                 await self.registry.fetched(conv, shared)
                 shared = None
             if upstream.status != 304:
-                await self._merge_response(exchange, upstream, conv, epoch)
+                if revalidating:
+                    self.cache_counts("revalidated", "modified")
+                await self._merge_response(exchange, upstream, conv, epoch, fill)
                 return
+            if revalidating:
+                assert fill is not None and fill.entry is not None and fill.baseline is not None
+                assert self.cache is not None
+                upstream.release()
+                self.cache_counts("revalidated", "not_modified")
+                entry = fill.entry
+                self.cache.refreshed(entry, fill.baseline)
+                if self._unusable(entry, conv, exchange) is None:
+                    fill.stored = entry
+                    await self._serve_entry(exchange, conv, entry, fill.status(stored=True))
+                    return
+                headers.popall("If-None-Match", None)
+                fill.entry = None  # an event came meanwhile: ask for the body
+                continue
             if conv.epoch == epoch:
                 await self._not_modified(exchange, upstream, conv)
                 return
@@ -654,6 +720,111 @@ class Proxy:
             upstream.release()
             headers.popall("If-None-Match", None)
         raise AssertionError("unreachable: the second attempt is unconditional")
+
+    # -------------------------------------------------------------- cache
+    def cache_counts(self, result: str, reason: str) -> None:
+        assert self.cache is not None
+        self.cache.counts[(result, reason)] += 1
+
+    def _baseline(self, conv: Conversation | None) -> Baseline | None:
+        """What an answer asked for now is valid under, if its resource's
+        stream is this process's and live (see sidecar.cache)."""
+        sub = conv.subscription if conv is not None else None
+        if conv is None or sub is None or sub.stream != "live":
+            return None
+        return Baseline(conv.version, sub, sub.connects)
+
+    def _unusable(self, entry: Entry, conv: Conversation, exchange: Exchange) -> str | None:
+        """Why ``entry`` cannot answer this request now, or None if it can."""
+        assert self.cache is not None
+        baseline = self._baseline(conv)
+        if baseline is None or baseline.sub is not entry.baseline.sub:
+            return "stream"
+        if baseline.connects != entry.baseline.connects:
+            return "stream"
+        if baseline.version != entry.baseline.version:
+            return "content"
+        if self.cache.age(entry) >= self.cache.max_age:
+            return "expired"
+        for name, value in entry.vary:
+            if exchange.headers.get(name) != value:
+                return "vary"
+        return None
+
+    async def _from_cache(
+        self, exchange: Exchange, target: str, conv: Conversation | None, fingerprint: str
+    ) -> _Fill | None:
+        """Answer from the cache if it may; else how to fill it (None: answered)."""
+        cache = self.cache
+        assert cache is not None
+        key: Key = (target, fingerprint, exchange.headers.get("Accept-Encoding", ""))
+        baseline = self._baseline(conv)
+        directives = _directives(exchange.headers)
+        if baseline is None or conv is None:
+            cache.counts[("bypass", "not_live")] += 1
+            return _Fill(cache, key, None, "bypass", "not_live", store=False)
+        store = "no-store" not in directives
+        entry = cache.get(key)
+        authorised = fingerprint in conv.authorised
+        if "no-cache" in directives or "max-age=0" in directives:
+            cache.counts[("bypass", "no_cache")] += 1
+            return _Fill(cache, key, baseline, "request", "no_cache", store, entry)
+        if not authorised:
+            # The upstream refused these credentials since, or never saw them.
+            cache.counts[("bypass", "unauthorised")] += 1
+            return _Fill(cache, key, baseline, "bypass", "unauthorised", store)
+        why = "absent" if entry is None else self._unusable(entry, conv, exchange)
+        if why is None:
+            assert entry is not None
+            cache.counts[("hit", "fresh")] += 1
+            await self._serve_entry(exchange, conv, entry, _hit_status(cache, entry))
+            return None
+        pending = cache.pending(key, baseline)
+        if pending is not None:
+            # Another request asks the upstream for this answer now, under
+            # the same baseline: its answer is as good as a new one.
+            shared = await asyncio.shield(pending)
+            if shared is not None and self._unusable(shared, conv, exchange) is None:
+                cache.counts[("hit", "collapsed")] += 1
+                await self._serve_entry(
+                    exchange, conv, shared, _hit_status(cache, shared) + "; detail=collapsed"
+                )
+                return None
+        cache.counts[("miss", why)] += 1
+        fill = _Fill(cache, key, baseline, _FORWARD.get(why, "stale"), why, store, entry)
+        if store:
+            fill.future = cache.fetching(key, baseline)
+        return fill
+
+    async def _serve_entry(
+        self, exchange: Exchange, conv: Conversation, entry: Entry, cache_status: str
+    ) -> None:
+        """Answer with a cached body, merged with the snapshot as it is now."""
+        assert self.cache is not None
+        snap = conv.snapshot
+        if entry.merged_for is not snap:
+            merged = merge.merge(entry.body, self.profile.key, snap)
+            self.cache.remerged(entry, snap, merge.encode_body(merged, entry.encoding))
+        out = entry.merged
+        headers = entry.headers.copy()
+        headers["Via"] = _append_via(entry.prior_via, exchange.version, self.via)
+        epoch = conv.epoch
+        version = f"{self.registry.nonce}{epoch:x}"
+        digest = merge.body_digest(entry.upstream_tag, snap, version, entry.upstream_length)
+        headers["ETag"] = merge.merged_etag(entry.upstream_tag, digest)
+        headers["Age"] = str(int(self.cache.age(entry)))
+        headers["Cache-Status"] = cache_status
+        conv.remember_served(digest, epoch)
+        self.metrics.count_merge("merged")
+        inm = exchange.headers.get("If-None-Match")
+        if inm is not None and digest in merge.etag_digests(inm):
+            # The client has this very answer: no content event, no write and
+            # no change of the snapshot since it was served.
+            headers.popall("Content-Length", None)
+            await exchange.respond(304, None, headers, b"")
+            return
+        headers["Content-Length"] = str(len(out))
+        await exchange.respond(entry.status, entry.reason, headers, out)
 
     async def _hold_until_changed(self, exchange: Exchange, conv: Conversation) -> None:
         """``Prefer: wait=N`` with an If-None-Match of the current body (RFC 7240).
@@ -688,7 +859,12 @@ class Proxy:
         await exchange.respond(304, _reason(upstream), headers, b"")
 
     async def _merge_response(
-        self, exchange: Exchange, upstream: UpstreamResponse, conv: Conversation, epoch: int
+        self,
+        exchange: Exchange,
+        upstream: UpstreamResponse,
+        conv: Conversation,
+        epoch: int,
+        fill: _Fill | None = None,
     ) -> None:
         encoding = upstream.headers.get("Content-Encoding", "")
         cache_control = upstream.headers.get("Cache-Control", "").lower()
@@ -722,7 +898,7 @@ class Proxy:
             )
         self._merging += held
         try:
-            await self._merge_held(exchange, upstream, conv, epoch, encoding, limit)
+            await self._merge_held(exchange, upstream, conv, epoch, encoding, limit, fill)
         finally:
             self._merging -= held
             if held >= LARGE_ANSWER:
@@ -736,6 +912,7 @@ class Proxy:
         epoch: int,
         encoding: str,
         limit: int,
+        fill: _Fill | None,
     ) -> None:
         body = await _read_at_most(upstream, limit)
         if len(body) > limit:  # a chunked body larger than the limit
@@ -760,6 +937,9 @@ class Proxy:
         headers["ETag"] = merge.merged_etag(upstream_tag, digest)
         conv.remember_served(digest, epoch)
         upstream.release()
+        if fill is not None:
+            stored = fill.keep(upstream, exchange, headers, decoded, encoding, len(body), snap, out)
+            headers["Cache-Status"] = fill.status(stored)
         del body, decoded, merged  # only the answer is held while the client reads it
         await exchange.respond(upstream.status, _reason(upstream), headers, out)
 
@@ -857,6 +1037,114 @@ class Proxy:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+#: RFC 9211's ``fwd`` parameter for each reason of a miss.
+_FORWARD = {"absent": "uri-miss", "vary": "vary-miss"}
+#: Request headers already in a cache key (Accept-Encoding) or its
+#: credentials fingerprint (Authorization, Cookie).
+_IN_KEY = frozenset({"accept-encoding", "authorization", "cookie"})
+
+
+class _Fill:
+    """An enrich GET the cache could not answer: why, and how its answer may
+    be kept (taken before the upstream is asked, see sidecar.cache)."""
+
+    __slots__ = ("baseline", "cache", "detail", "entry", "future", "fwd", "key", "store", "stored")
+
+    def __init__(
+        self,
+        cache: ResponseCache,
+        key: Key,
+        baseline: Baseline | None,
+        fwd: str,
+        detail: str,
+        store: bool,
+        entry: Entry | None = None,
+    ) -> None:
+        self.cache = cache
+        self.key = key
+        self.baseline = baseline
+        self.fwd = fwd
+        self.detail = detail
+        self.store = store and baseline is not None
+        #: An entry the upstream may confirm with a 304 to its validator.
+        self.entry = entry
+        self.future: asyncio.Future[Entry | None] | None = None
+        self.stored: Entry | None = None
+
+    def validate(self, no_client_tag: bool) -> bool:
+        """Ask the upstream with the entry's validator (when the client sent none)."""
+        return no_client_tag and self.entry is not None and bool(self.entry.upstream_tag)
+
+    def status(self, stored: bool) -> str:
+        """The ``Cache-Status`` of the answer (RFC 9211)."""
+        return f"sidecar; fwd={self.fwd}; detail={self.detail}" + ("; stored" if stored else "")
+
+    def keep(
+        self,
+        upstream: UpstreamResponse,
+        exchange: Exchange,
+        headers: CIMultiDict[str],
+        decoded: bytes,
+        encoding: str,
+        length: int,
+        snap: Any,
+        out: bytes,
+    ) -> bool:
+        """Keep a merged 200 if the upstream lets it be stored."""
+        if not self.store or self.baseline is None or upstream.status != 200:
+            return False
+        if "no-store" in _directives(upstream.headers, pragma=False):
+            return False
+        if "Set-Cookie" in upstream.headers:
+            return False  # an answer for one client, whatever its credentials
+        names = [
+            n.strip().lower() for v in upstream.headers.getall("Vary", ()) for n in v.split(",")
+        ]
+        if "*" in names:
+            return False
+        kept = headers.copy()
+        for name in ("Via", "ETag", "Content-Length", "Cache-Status", "Age"):
+            kept.popall(name, None)
+        entry = Entry(
+            key=self.key,
+            baseline=self.baseline,
+            stored_at=time.monotonic(),
+            status=upstream.status,
+            reason=_reason(upstream),
+            headers=kept,
+            prior_via=tuple(upstream.headers.getall("Via", ())),
+            body=decoded,
+            encoding=encoding,
+            upstream_tag=upstream.headers.get("ETag"),
+            upstream_length=length,
+            vary=tuple(
+                (n, exchange.headers.get(n)) for n in dict.fromkeys(names) if n and n not in _IN_KEY
+            ),
+            merged_for=snap,
+            merged=out,
+        )
+        if self.cache.put(entry):
+            self.stored = entry
+        return self.stored is not None
+
+
+def _directives(headers: Any, pragma: bool = True) -> set[str]:
+    """Cache-Control directives (and ``Pragma: no-cache``), lower case."""
+    found = {
+        d.strip().lower().replace(" ", "")
+        for v in headers.getall("Cache-Control", ())
+        for d in v.split(",")
+    }
+    if pragma and "no-cache" in (v.strip().lower() for v in headers.getall("Pragma", ())):
+        found.add("no-cache")
+    return found
+
+
+def _hit_status(cache: ResponseCache, entry: Entry) -> str:
+    ttl = max(0, int(cache.max_age - cache.age(entry)))
+    return f"sidecar; hit; ttl={ttl}"
 
 
 def _is_websocket(request: web.Request) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import logging
 import secrets
 import time
@@ -52,6 +53,9 @@ _SHARED = ""  # the subscription key of a profile's single shared stream
 TRANSITIONS_KEPT = 20
 SERVED_KEPT = 8
 AUTHORISED_KEPT = 16
+#: Body versions, one sequence for every conversation: a version never
+#: repeats, not even for a conversation forgotten and observed again.
+_VERSIONS = itertools.count(1)
 
 
 def _fingerprint(credentials: Mapping[str, str]) -> str:
@@ -86,6 +90,7 @@ class Conversation:
         "subscription",
         "timer_kind",
         "transitions",
+        "version",
         "view",
     )
 
@@ -112,6 +117,10 @@ class Conversation:
         self._changed: asyncio.Event | None = None
         #: Bumped by every change of the snapshot or of the body upstream.
         self.epoch = 0
+        #: The body upstream as the sidecar knows it: a new number after every
+        #: content event and every request that may have written to it (the
+        #: response cache reuses a body only while this stays the same).
+        self.version = next(_VERSIONS)
         #: Digests of the merged bodies served in this epoch: the ETags that
         #: are still current (a few, for bodies that differ by query).
         self.served: dict[str, None] = {}
@@ -137,6 +146,16 @@ class Conversation:
         self.epoch += 1
         self.served.clear()
         self.wake_waiters()
+
+    def content_changed(self) -> None:
+        """The body upstream changed (a content event, an accepted write)."""
+        self.version = next(_VERSIONS)
+        self.changed()
+
+    def write_answered(self) -> None:
+        """A request that may write to it was answered (any status): a body
+        fetched before cannot be reused."""
+        self.version = next(_VERSIONS)
 
     def wake_waiters(self) -> None:
         """Answer held long-polls now (a change, or the sidecar shutting down)."""
@@ -621,7 +640,7 @@ class Registry:
 
     def _work_seen(self, conv: Conversation, event_type: str) -> None:
         if event_type in self.profile.content_events:
-            conv.changed()
+            conv.content_changed()
             if self.fleet is not None:
                 self.fleet.touch(conv.id)  # every replica's long-polls wake
         if event_type not in self.profile.keepalive_events:
