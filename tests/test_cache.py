@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.fake import Outcome
+from sidecar.fake import FakeGptme, Outcome
 
 from .conftest import eventually
 
@@ -287,9 +287,9 @@ async def test_memory_is_bounded_least_recently_used_out(gptme) -> None:
 
 
 @pytest.mark.parametrize("header", ["Set-Cookie", "Vary"])
-async def test_an_answer_the_upstream_marks_personal_is_not_kept(serve, start_sidecar, http, header):
-    from sidecar.fake import FakeGptme
-
+async def test_an_answer_the_upstream_marks_personal_is_not_kept(
+    serve, start_sidecar, http, header: str
+) -> None:
     fake = FakeGptme()
 
     @aiohttp.web.middleware
