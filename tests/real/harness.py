@@ -22,7 +22,60 @@ from sidecar.sse import EventDecoder
 
 from .servers import WORKSPACE_RACE
 
-__all__ = ["Poller", "Witness"]
+__all__ = ["Poller", "Relay", "Witness"]
+
+
+class Relay:
+    """A TCP relay on loopback in front of an upstream, to cut its event
+    streams as a network would: ``cut()`` closes every open stream's
+    connection, and while ``blocked`` new ones are closed at their first
+    bytes. Other requests pass."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.blocked = False
+        self._streams: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> Relay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cut()
+        assert self._server is not None
+        self._server.close()
+
+    def cut(self) -> None:
+        for writer in list(self._streams):
+            writer.transport.abort()
+        self._streams.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(65536)
+        is_stream = b"/events " in first.split(b"\r\n", 1)[0]
+        if not first or (is_stream and self.blocked):
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        if is_stream:
+            self._streams.add(writer)
+        up_writer.write(first)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while chunk := await src.read(65536):
+                    dst.write(chunk)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._streams.discard(writer)
 
 
 class Witness:
