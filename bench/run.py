@@ -2,10 +2,17 @@
 
     make bench            # or: python bench/run.py [--duration 5] [--connections 32]
 
-Starts a fast upstream (bench/upstream.py), nginx (proxy_pass, keep-alive
-upstream, one worker) and the sidecar (one process), all on 127.0.0.1, and
-measures with wrk: requests per second, p50 and p99 for a plain proxied GET
-and the enrich GET, at 2 KiB, 64 KiB and 1 MiB. Then: events per second one
+The upstream is not the ceiling: nginx (one worker, a process of its own)
+serves the conversation bodies as static files, and passes what needs events
+(the streams, the control endpoints, other ids) to bench/upstream.py. In
+front of it, all on 127.0.0.1: nginx as a proxy (one worker, keep-alive,
+buffering on: its defaults) and the sidecar, one process each: as it was
+before the response cache (``--baseline``, a git revision, run from an
+archive of it), as it is with the cache off (the default), and with
+``--cache events``. wrk measures requests per second, p50 and p99 for a
+plain proxied GET and the enrich GET, at 2 KiB, 64 KiB and 1 MiB; the
+sidecar's rows are measured alternately in ``--rounds`` rounds (medians),
+so before / after is an A/B of the same run. Then: events per second one
 sidecar ingests while serving polls, event-to-visible latency, resident
 memory per idle subscription at 2,000 subscriptions, and the merge alone.
 Last, the SQLite store on and off: the enrich GET and ingest, alternately.
@@ -38,6 +45,8 @@ sys.path.insert(0, str(HERE))
 ADMIN_TOKEN = "bench"
 
 from merge_cost import conversation, per_call  # noqa: E402
+from upstream import SIZES as UPSTREAM_SIZES  # noqa: E402
+from upstream import conversation as upstream_body  # noqa: E402
 
 from sidecar.merge import merge  # noqa: E402
 from sidecar.snapshot import Snapshot  # noqa: E402
@@ -61,6 +70,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
 """
+#: nginx as the proxy under comparison (in front of the static upstream).
 NGINX_CONF = (
     NGINX_HEAD
     + """    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
@@ -76,6 +86,30 @@ NGINX_CONF = (
 }}
 """
 )
+#: The upstream: the bodies as static files; the rest from bench/upstream.py.
+STATIC_CONF = (
+    NGINX_HEAD
+    + """    upstream events {{ server 127.0.0.1:{events}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {tmp}/static;
+        default_type application/json;
+        location / {{
+            try_files $uri @app;
+        }}
+        location @app {{
+            proxy_pass http://events;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"""
+)
+#: The sidecar before the response cache, for the A/B of the cache off.
+BASELINE = "99efb92"
 
 
 def free_port() -> int:
@@ -133,12 +167,21 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def start_sidecar(self, upstream_port: int, port: int, *extra: str) -> subprocess.Popen[bytes]:
-        """The sidecar as a real process, in front of the upstream on that port."""
-        return self.start(
+    def start_sidecar(
+        self, upstream_port: int, port: int, *extra: str, source: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """The sidecar as a real process, in front of the upstream on that port
+        (``source``: a directory holding another version of the package)."""
+        cmd = (
             sys.executable, "-m", "sidecar", "--upstream", f"http://127.0.0.1:{upstream_port}",
             "--port", str(port), "--log-level", "warning", "--admin-token", ADMIN_TOKEN, *extra,
         )  # fmt: skip
+        if source is None:
+            return self.start(*cmd)
+        env = {**os.environ, "PYTHONPATH": str(source)}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.procs.append(proc)
+        return proc
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -250,12 +293,35 @@ def merge_ms(size_label: str) -> float:
     return per_call(lambda: merge(body, "session", snap)) * 1000
 
 
+def _median(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return (
+        statistics.median(r[0] for r in runs),
+        statistics.median(r[1] for r in runs),
+        statistics.median(r[2] for r in runs),
+    )
+
+
+def _baseline_source(tmp: Path, revision: str) -> Path:
+    """The sidecar package as it was at ``revision``, unpacked under ``tmp``."""
+    where = tmp / "baseline"
+    where.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "sidecar"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--subscriptions", type=int, default=2000)
     parser.add_argument("--latency-samples", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate runs of each sidecar")
+    parser.add_argument(
+        "--baseline", default=BASELINE, help="git revision of the sidecar to compare against"
+    )
     args = parser.parse_args()
     missing = [
         tool
@@ -277,62 +343,104 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        baseline = _baseline_source(tmp, args.baseline)
+        static = tmp / "static"
+        for where in ("api/v2/conversations", "plain"):
+            (static / where).mkdir(parents=True)
+            for cid, size in UPSTREAM_SIZES.items():
+                (static / where / cid).write_bytes(upstream_body(cid, size))
+        for directory in (tmp, *static.rglob("*")):  # nginx's worker (nobody) reads them
+            if directory.is_dir():
+                directory.chmod(0o755)
         procs = Processes()
-        up_port, nx_port, sc_port = free_port(), free_port(), free_port()
+        ev_port, up_port, nx_port = free_port(), free_port(), free_port()
+        ports = {"before": free_port(), "sidecar": free_port(), "cache on": free_port()}
         try:
-            procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(up_port))
-            wait_port(up_port)
+            procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(ev_port))
+            wait_port(ev_port)
+            (tmp / "up").mkdir()
+            (tmp / "up" / "nginx.conf").write_text(
+                STATIC_CONF.format(tmp=tmp / "up", events=ev_port, port=up_port).replace(
+                    f"root {tmp / 'up'}/static", f"root {static}"
+                )
+            )
+            procs.start(nginx, "-p", str(tmp / "up"), "-c", str(tmp / "up" / "nginx.conf"))
             (tmp / "nginx.conf").write_text(
                 NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
             )
             procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
-            sidecar_proc = procs.start_sidecar(
-                up_port, sc_port, "--store", f"sqlite:{tmp / 'state.db'}"
-            )
-            wait_port(nx_port)
-            wait_port(sc_port)
+            sqlite = ("--store", f"sqlite:{tmp / 'state.db'}")
+            procs.start_sidecar(
+                up_port, ports["before"], "--store", f"sqlite:{tmp / 'before.db'}",
+                source=baseline,
+            )  # fmt: skip
+            sidecar_proc = procs.start_sidecar(up_port, ports["sidecar"], *sqlite)
+            procs.start_sidecar(
+                up_port, ports["cache on"], "--store", f"sqlite:{tmp / 'cached.db'}",
+                "--cache", "events",
+            )  # fmt: skip
+            for port in (up_port, nx_port, *ports.values()):
+                wait_port(port)
             direct = f"http://127.0.0.1:{up_port}"
             via_nginx = f"http://127.0.0.1:{nx_port}"
-            sidecar = f"http://127.0.0.1:{sc_port}"
-            for cid in SIZES:  # open the subscriptions before measuring
-                subprocess.run(
-                    ["curl", "-s", "-o", "/dev/null", f"{sidecar}/api/v2/conversations/{cid}"],
-                    check=False,
-                )
-            time.sleep(0.5)
+            bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+            sidecar = bases["sidecar"]
+            for base in bases.values():  # open the subscriptions before measuring
+                for cid in SIZES:
+                    for _ in range(2):  # (the second answer is kept with the cache on)
+                        subprocess.run(
+                            ["curl", "-s", "-o", "/dev/null", f"{base}/api/v2/conversations/{cid}"],
+                            check=False,
+                        )
+                    time.sleep(0.3)
 
             print(
                 f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
                 f"Python {platform.python_version()}, sidecar event loop: {loop}"
             )
-            print(f"wrk: 1 thread, {args.connections} connections, {args.duration:g} s per run\n")
+            print(
+                f"wrk: 1 thread, {args.connections} connections, {args.duration:g} s per run; "
+                f"the sidecar's rows: medians of {args.rounds} rounds, alternately; "
+                f"'before': {args.baseline}\n"
+            )
             head = (
-                f"{'body':>7} {'request':<8} | {'path':<8} | {'req/s':>8} | {'p50 ms':>7} "
-                f"| {'p99 ms':>7} | {'x nginx plain':>13}"
+                f"{'body':>7} {'request':<8} | {'path':<16} | {'req/s':>8} | {'p50 ms':>7} "
+                f"| {'p99 ms':>7} | {'x nginx':>7}"
             )
             print(head)
             print("-" * len(head))
-            ratios: dict[tuple[str, str], float] = {}
+            ratios: dict[tuple[str, str, str], float] = {}
             for cid in SIZES:
-                nginx_plain = 0.0
                 for kind, path in (
                     ("plain", f"/plain/{cid}"),
                     ("enrich", f"/api/v2/conversations/{cid}"),
                 ):
-                    for name, base in (
-                        ("direct", direct),
-                        ("nginx", via_nginx),
-                        ("sidecar", sidecar),
-                    ):
-                        rps, p50, p99 = wrk(base + path, args.duration, args.connections)
-                        if name == "nginx" and kind == "plain":
-                            nginx_plain = rps
-                        ratio = rps / nginx_plain if nginx_plain else float("nan")
-                        if name == "sidecar":
-                            ratios[(cid, kind)] = ratio
+                    measured = {
+                        "direct": wrk(direct + path, args.duration, args.connections),
+                        "nginx": wrk(via_nginx + path, args.duration, args.connections),
+                    }
+                    names = ["before", "sidecar"] + (["cache on"] if kind == "enrich" else [])
+                    runs: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+                    for _ in range(args.rounds):
+                        for name in names:
+                            runs[name].append(
+                                wrk(bases[name] + path, args.duration, args.connections)
+                            )
+                    for name in names:
+                        measured[name] = _median(runs[name])
+                    for name, (rps, p50, p99) in measured.items():
+                        ratio = rps / measured["nginx"][0]
+                        ratios[(cid, kind, name)] = ratio
+                        label = {"sidecar": "sidecar", "before": "sidecar before"}.get(
+                            name, "sidecar cache on" if name == "cache on" else name
+                        )
                         print(
-                            f"{LABELS[cid]:>7} {kind:<8} | {name:<8} | {rps:>8.0f} | {p50:>7.2f} "
-                            f"| {p99:>7.2f} | {ratio:>13.2f}"
+                            f"{LABELS[cid]:>7} {kind:<8} | {label:<16} | {rps:>8.0f} | "
+                            f"{p50:>7.2f} | {p99:>7.2f} | {ratio:>7.2f}"
+                        )
+                    for name in names[1:]:
+                        ratios[(cid, kind, name + "/before")] = (
+                            measured[name][0] / measured["before"][0]
                         )
                 print()
 
@@ -384,29 +492,33 @@ def main() -> int:
     print("figure                                          | measured      | target")
     print("-" * 78)
     rows = [
-        (
-            "enrich GET 2 KiB, x nginx plain proxy",
-            f"{ratios[('c2k', 'enrich')]:.2f}",
-            ">= 0.5",
-            ratios[("c2k", "enrich")] >= 0.5,
+        *(
+            (
+                f"enrich GET {LABELS[cid]} cache on, x nginx",
+                f"{ratios[(cid, 'enrich', 'cache on')]:.2f}",
+                ">= 0.5",
+                ratios[(cid, "enrich", "cache on")] >= 0.5,
+            )
+            for cid in ("c2k", "c64k")
         ),
-        (
-            "enrich GET 64 KiB, x nginx plain proxy",
-            f"{ratios[('c64k', 'enrich')]:.2f}",
-            ">= 0.5",
-            ratios[("c64k", "enrich")] >= 0.5,
+        *(
+            (
+                f"enrich GET {LABELS[cid]} cache off, x nginx",
+                f"{ratios[(cid, 'enrich', 'sidecar')]:.2f}",
+                "",
+                True,
+            )
+            for cid in ("c2k", "c64k")
         ),
-        (
-            "plain GET 2 KiB, x nginx",
-            f"{ratios[('c2k', 'plain')]:.2f}",
-            ">= 0.6",
-            ratios[("c2k", "plain")] >= 0.6,
-        ),
-        (
-            "plain GET 64 KiB, x nginx",
-            f"{ratios[('c64k', 'plain')]:.2f}",
-            ">= 0.6",
-            ratios[("c64k", "plain")] >= 0.6,
+        *(
+            (
+                f"{kind} GET {LABELS[cid]} cache off, x before",
+                f"{ratios[(cid, kind, 'sidecar/before')]:.2f}",
+                ">= 0.95",
+                ratios[(cid, kind, "sidecar/before")] >= 0.95,
+            )
+            for kind in ("plain", "enrich")
+            for cid in SIZES
         ),
         ("merge alone, 2 KiB body", f"{merges['2 KiB']:.4f} ms", "", True),
         ("merge alone, 64 KiB body", f"{merges['64 KiB']:.4f} ms", "", True),
