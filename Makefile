@@ -51,10 +51,12 @@ unit: $(STAMP) browser redis upstreams
 test: lint types unit
 
 # Benchmarks print ratios against baselines measured in the same run. They
-# need wrk and nginx (apt-get install -y wrk nginx).
-bench: $(STAMP)
+# need wrk and nginx (apt-get install -y wrk nginx), redis-server, and the
+# released gptme-server 0.31.0 (installed as for the conformance suite).
+bench: $(STAMP) redis upstreams
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/gptme.py
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py
