@@ -705,7 +705,7 @@ class Proxy:
                 self.cache_counts("revalidated", "not_modified")
                 entry = fill.entry
                 self.cache.refreshed(entry, fill.baseline)
-                if self._unusable(entry, conv, exchange) is None:
+                if self._unusable(entry, self._baseline(conv), exchange) is None:
                     fill.stored = entry
                     await self._serve_entry(exchange, conv, entry, fill.status(stored=True))
                     return
@@ -734,10 +734,10 @@ class Proxy:
             return None
         return Baseline(conv.version, sub, sub.connects)
 
-    def _unusable(self, entry: Entry, conv: Conversation, exchange: Exchange) -> str | None:
-        """Why ``entry`` cannot answer this request now, or None if it can."""
+    def _unusable(self, entry: Entry, baseline: Baseline | None, exchange: Exchange) -> str | None:
+        """Why ``entry`` cannot answer this request under ``baseline`` (the
+        conversation's now, see :meth:`_baseline`), or None if it can."""
         assert self.cache is not None
-        baseline = self._baseline(conv)
         if baseline is None or baseline.sub is not entry.baseline.sub:
             return "stream"
         if baseline.connects != entry.baseline.connects:
@@ -773,7 +773,7 @@ class Proxy:
             # The upstream refused these credentials since, or never saw them.
             cache.counts[("bypass", "unauthorised")] += 1
             return _Fill(cache, key, baseline, "bypass", "unauthorised", store)
-        why = "absent" if entry is None else self._unusable(entry, conv, exchange)
+        why = "absent" if entry is None else self._unusable(entry, baseline, exchange)
         if why is None:
             assert entry is not None
             cache.counts[("hit", "fresh")] += 1
@@ -784,7 +784,9 @@ class Proxy:
             # Another request asks the upstream for this answer now, under
             # the same baseline: its answer is as good as a new one.
             shared = await asyncio.shield(pending)
-            if shared is not None and self._unusable(shared, conv, exchange) is None:
+            # The baseline again: the stream or the body may have changed meanwhile.
+            now = self._baseline(conv)
+            if shared is not None and self._unusable(shared, now, exchange) is None:
                 cache.counts[("hit", "collapsed")] += 1
                 await self._serve_entry(
                     exchange, conv, shared, _hit_status(cache, shared) + "; detail=collapsed"

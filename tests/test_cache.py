@@ -234,9 +234,9 @@ async def test_an_expired_answer_is_revalidated_with_the_upstreams_etag(gptme) -
     assert body["log"][0]["content"] == "hello"
     async with g.http.get(g.url("/_sidecar/metrics"), headers=ADMIN) as metrics:
         text = await metrics.text()
+    # The conditional request was the sidecar's (the upstream answered 304 to
+    # the entry's tag); the client, which sent none, got the body.
     assert 'sidecar_cache_requests_total{reason="not_modified",result="revalidated"} 1.0' in text
-    # The upstream's 304 for its own tag came back with the headers of a 304:
-    # the conditional request was the sidecar's, the client gets the body.
     assert g.fake.requests.count(("GET", "/api/v2/conversations/c1")) >= 3
 
 

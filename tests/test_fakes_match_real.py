@@ -105,9 +105,7 @@ async def test_fake_gptme_sends_what_the_real_one_sends(
     version: str, name: str, request: pytest.FixtureRequest, serve: Any, http: aiohttp.ClientSession
 ) -> None:
     scenario, outcome, actions = GPTME_SCENARIOS[name]
-    real = request.getfixturevalue("real_gptme_" + version.replace(".", "_"))
-    if real.proc is None or real.proc.poll() is not None:
-        real.start()
+    real = request.getfixturevalue("real_gptme_" + version.replace(".", "_")).running()
     fake = FakeGptme(version, outcome=outcome, token=servers.GPTME_TOKEN)
     fake_url = str((await serve(fake.app)).make_url("")).rstrip("/")
     auth = {"Authorization": f"Bearer {servers.GPTME_TOKEN}"}
@@ -164,8 +162,7 @@ async def test_fake_opencode_sends_what_the_real_one_sends(
     name: str, real_opencode: servers.Process, serve: Any, http: aiohttp.ClientSession
 ) -> None:
     scenario, outcome, actions = OPENCODE_SCENARIOS[name]
-    if real_opencode.proc is None or real_opencode.proc.poll() is not None:
-        real_opencode.start()
+    real_opencode.running()
     fake = FakeOpencode(outcome=outcome)
     fake_url = str((await serve(fake.app)).make_url("")).rstrip("/")
     got_real, got_fake = await asyncio.gather(

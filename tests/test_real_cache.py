@@ -47,9 +47,7 @@ class Cached(Gptme):
 async def gptme(
     version: str, request: pytest.FixtureRequest, start_sidecar: Any, http: aiohttp.ClientSession
 ) -> AsyncIterator[Cached]:
-    upstream = request.getfixturevalue("real_gptme_" + version.replace(".", "_"))
-    if upstream.proc is None or upstream.proc.poll() is not None:
-        upstream.start()
+    upstream = request.getfixturevalue("real_gptme_" + version.replace(".", "_")).running()
     async with Relay(upstream.port) as relay:
         sidecar = await start_sidecar(relay.url, cache="events")
         yield Cached(upstream, sidecar, http, relay)

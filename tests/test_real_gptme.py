@@ -81,9 +81,7 @@ def two_answers(state: dict[str, Any], witness: Witness) -> bool:
 async def gptme(
     version: str, request: pytest.FixtureRequest, start_sidecar: Any, http: aiohttp.ClientSession
 ) -> AsyncIterator[Gptme]:
-    upstream = request.getfixturevalue("real_gptme_" + version.replace(".", "_"))
-    if upstream.proc is None or upstream.proc.poll() is not None:
-        upstream.start()  # a scenario before this one stopped it
+    upstream = request.getfixturevalue("real_gptme_" + version.replace(".", "_")).running()
     sidecar = await start_sidecar(upstream.url, confirm_timeout=2.0)
     yield Gptme(upstream, sidecar, http)
 

@@ -58,8 +58,7 @@ class Opencode:
 async def opencode(
     real_opencode: servers.Process, start_sidecar: Any, http: aiohttp.ClientSession
 ) -> AsyncIterator[Opencode]:
-    if real_opencode.proc is None or real_opencode.proc.poll() is not None:
-        real_opencode.start()
+    real_opencode.running()
     sidecar = await start_sidecar(real_opencode.url, profile="opencode", confirm_timeout=2.0)
     yield Opencode(real_opencode, sidecar, http)
 

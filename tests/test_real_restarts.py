@@ -125,10 +125,7 @@ class Client:
 def server(request: pytest.FixtureRequest) -> tuple[str, servers.Process]:
     name = request.param
     fixture = "real_opencode" if name == "opencode" else "real_gptme_" + name[6:].replace(".", "_")
-    upstream = request.getfixturevalue(fixture)
-    if upstream.proc is None or upstream.proc.poll() is not None:
-        upstream.start()
-    return name, upstream
+    return name, request.getfixturevalue(fixture).running()
 
 
 async def started(

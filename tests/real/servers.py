@@ -203,6 +203,12 @@ class Process:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not answer within {timeout:g} s:\n{self.log_tail()}")
 
+    def running(self) -> Process:
+        """This process, started again if a scenario before stopped or killed it."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
