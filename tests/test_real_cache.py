@@ -166,3 +166,27 @@ async def test_while_the_stream_is_down_every_poll_asks_the_upstream(gptme: Cach
     await cached(gptme, cid)
     answer = await poll(gptme, cid)
     assert answer is not None and answer[1][-1] == "unseen"
+
+
+async def test_an_expired_answer_is_revalidated_where_the_upstream_has_a_tag(
+    gptme: Cached, start_sidecar: Any
+) -> None:
+    """0.35.1 tags its answers: an expired one is asked for with its tag, and
+    the 304 refreshes it. 0.31.0 has no tag: the answer is asked for whole."""
+    sidecar = await start_sidecar(
+        gptme.upstream.url, cache="events", cache_max_age=0.3, admin_token="adm"
+    )
+    short = Gptme(gptme.upstream, sidecar, gptme.http)
+    cid = seeded(gptme)
+    await cached(short, cid)
+    await asyncio.sleep(0.35)
+    answer = None
+    while answer is None:
+        answer = await poll(short, cid)
+    assert "detail=expired" in answer[0]
+    assert len(answer[1]) == len(MESSAGES)
+    auth = {"Authorization": "Bearer adm"}
+    async with gptme.http.get(sidecar.url + "/_sidecar/metrics", headers=auth) as resp:
+        text = await resp.text()
+    revalidated = 'sidecar_cache_requests_total{reason="not_modified",result="revalidated"} 1.0'
+    assert (revalidated in text) is short.modern, text
