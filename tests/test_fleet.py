@@ -347,7 +347,13 @@ async def test_redis_stopped_and_started_mid_run(
     sessions = await f.sessions("outage")
     assert {s["status"] for s in sessions} == {"completed"}, sessions
     await f.step(c, "outage", sid)  # and the fleet works as one again
-    await eventually(lambda: _all(f, "outage", "completed", newer_than=sessions[0]), timeout=10)
+    try:
+        await eventually(lambda: _all(f, "outage", "completed", newer_than=sessions[0]), timeout=10)
+    except AssertionError as exc:
+        # (Failed about once in three full suites, never alone: say what each replica read.)
+        now = await f.sessions("outage")
+        streams = f.fake.subscriber_count("outage")
+        raise AssertionError(f"{exc}: before the step {sessions}, now {now}, streams {streams}")
 
 
 async def test_a_partitioned_replica_whose_lease_expired_cannot_write(
