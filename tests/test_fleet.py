@@ -353,7 +353,8 @@ async def test_redis_stopped_and_started_mid_run(
         # (Failed about once in three full suites, never alone: say what each replica read.)
         now = await f.sessions("outage")
         streams = f.fake.subscriber_count("outage")
-        raise AssertionError(f"{exc}: before the step {sessions}, now {now}, streams {streams}")
+        said = f"before the step {sessions}, now {now}, streams {streams}"
+        raise AssertionError(f"{exc}: {said}") from None
 
 
 async def test_a_partitioned_replica_whose_lease_expired_cannot_write(
