@@ -6,8 +6,8 @@
 #
 # Every option is an environment variable (SIDECAR_*); see the README. The
 # admin port listens on every address (for the kubelet's probes) and, without
-# SIDECAR_ADMIN_TOKEN, serves only /healthz and /readyz: metrics and the
-# state API need the token.
+# an admin token (SIDECAR_ADMIN_TOKEN_FILE, a mounted secret), serves only
+# /healthz and /readyz: metrics and the state API need the token.
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src

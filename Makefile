@@ -1,10 +1,11 @@
-# Two commands do everything from a fresh clone: `make demo` and `make test`.
+# Two commands do everything from a fresh clone: `make demo` and `make test`
+# (lint, types, the import contract and the whole suite).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint types unit browser redis upstreams bench soak clean
+.PHONY: demo test lint types contract unit browser redis upstreams bench soak chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ lint: $(STAMP)
 
 types: $(STAMP)
 	$(BIN)/mypy
+
+# The import contract (import-linter, in pyproject.toml): the package's layers.
+contract: $(STAMP)
+	$(BIN)/lint-imports
 
 # The status page test drives a real headless Chromium (Debian's package).
 browser:
@@ -48,7 +53,7 @@ upstreams: $(STAMP)
 unit: $(STAMP) browser redis upstreams
 	$(BIN)/python -m pytest -q
 
-test: lint types unit
+test: lint types contract unit
 
 # Benchmarks print ratios against baselines measured in the same run. They
 # need wrk and nginx (apt-get install -y wrk nginx), redis-server, and the
@@ -57,6 +62,16 @@ bench: $(STAMP) redis upstreams
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/gptme.py
+	$(BIN)/python bench/lists.py
+	$(BIN)/python bench/webhooks.py
+
+# The fleet under faults (bench/chaos.py): a long seeded run against the fake
+# upstream, then one against the released gptme-server 0.31.0. SEED=N
+# reproduces a run.
+SEED ?= 19
+chaos: $(STAMP) redis upstreams
+	$(BIN)/python bench/chaos.py --seed $(SEED) --duration 300
+	$(BIN)/python bench/chaos.py --seed $(SEED) --duration 60 --upstream gptme
 
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sidecar.fake import FakeGptme
+from sidecar.demo.fake import FakeGptme
 
 
 def free_port() -> int:

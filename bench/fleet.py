@@ -12,7 +12,9 @@ with wrk (1 thread, 32 connections) on the enrich GET of a 2 KiB body:
 * ``--workers 2`` with ``--store redis://`` (two processes on one port),
 
 then, at one connection (nothing queues), the latency a GET gains from the
-shared store: p50 and p99 with Redis versus memory.
+shared store: p50 and p99 with Redis versus memory; and last, a poller that
+hops replicas: three replicas, conditional GETs round-robin with the tag the
+first answer carried, nothing changing: the share answered ``304``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import NGINX_HEAD, Processes, free_port, wait_port, wrk  # noqa: E402
+from run import NGINX_HEAD, Figures, Processes, free_port, wait_port, wrk  # noqa: E402
 from upstream import SIZES, conversation  # noqa: E402
 
 NGINX_CONF = (
@@ -56,11 +58,32 @@ NGINX_CONF = (
 )
 
 
+def hop_ratio(ports: list[int], path: str, requests: int = 600) -> tuple[int, int]:
+    """Conditional GETs spread round-robin over replicas: (304s, all)."""
+    import http.client
+
+    def get(port: int, tag: str | None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path, headers={"If-None-Match": tag} if tag else {})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp.status, resp.getheader("ETag") or ""
+
+    for port in ports:  # every replica has read it (its stream open, or followed)
+        get(port, None)
+    time.sleep(1.0)
+    _, tag = get(ports[0], None)
+    hits = sum(get(ports[i % len(ports)], tag)[0] == 304 for i in range(requests))
+    return hits, requests
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the figures here (bench/ab.py)")
     args = parser.parse_args()
     tools = {t: shutil.which(t) or f"/usr/sbin/{t}" for t in ("wrk", "nginx", "redis-server")}
     missing = [t for t, path in tools.items() if not Path(path).exists()]
@@ -119,6 +142,12 @@ def main() -> int:
                 name: wrk(f"http://127.0.0.1:{ports[name]}{path}", args.duration, 1)
                 for name in ("memory", "redis")
             }
+            hops = [free_port() for _ in range(3)]
+            for port in hops:
+                procs.start_sidecar(up_port, port, "--store", store, "--store-prefix", "hop:")
+            for port in hops:
+                wait_port(port)
+            hits, asked = hop_ratio(hops, path)
         finally:
             procs.stop()
 
@@ -150,12 +179,26 @@ def main() -> int:
         added = (r - m) * 1000
         print(f"{name:<39} | {m * 1000:>6.0f} µs | {r * 1000:>6.0f} µs | {added:+.0f} µs")
     print(
+        f"\na poller hopping 3 replicas (round-robin, nothing changing): {hits} of {asked} "
+        f"conditional GETs answered 304 ({100 * hits / asked:.1f} %)"
+    )
+    print(
         "\nOn 2 cores, wrk, nginx, Redis and the sidecars share the CPUs: two workers cannot"
         "\nshow a second core's gain here, only what the shared store costs. Run it on more"
         "\ncores (wrk -t on its own) to see workers scale."
         if (os.cpu_count() or 1) <= 2
         else ""
     )
+    if args.json is not None:
+        figures = Figures()
+        for name, results in runs.items():
+            figures.higher(
+                f"enrich GET 2 KiB, {name}, req/s", statistics.median(r[0] for r in results)
+            )
+            figures.lower(
+                f"enrich GET 2 KiB, {name}, p99 ms", statistics.median(r[2] for r in results)
+            )
+        figures.write(args.json)
     return 0
 
 

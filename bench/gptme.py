@@ -36,7 +36,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from run import ADMIN_TOKEN, Processes, free_port, wait_port  # noqa: E402
+from run import ADMIN_TOKEN, Figures, Processes, free_port, wait_port  # noqa: E402
 
 from tests.real import servers  # noqa: E402
 
@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per path")
     parser.add_argument("--pollers", type=int, default=200)
     parser.add_argument("--conversations", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the figures here (bench/ab.py)")
     args = parser.parse_args()
     try:
         servers.require(servers.gptme_dir("0.31.0"), "gptme-server 0.31.0")
@@ -210,6 +211,12 @@ def main() -> int:
     ]
     for name, value, target, ok in checks:
         print(f"{name:<46} | {value:>13} | {target}  {'ok' if ok else 'MISSED'}")
+    if args.json is not None:
+        figures = Figures()
+        for name in ("sidecar, cache off", "sidecar, cache on"):
+            figures.lower(f"gptme 0.31.0, {name}, p50 ms", results[name]["p50 ms"])
+            figures.lower(f"gptme 0.31.0, {name}, p99 ms", results[name]["p99 ms"])
+        figures.write(args.json)
     return 0
 
 

@@ -4,7 +4,8 @@
 
 Prints, for gptme-shaped conversation bodies of 2 KiB, 64 KiB and 1 MiB: the
 time to merge a snapshot when the upstream has no ``session`` key (byte-level
-insert, gptme 0.31.0), when it has one (full parse, gptme 0.35.1), and the
+insert, gptme 0.31.0; and for a body whose text has escapes, which is also
+searched for the key spelt with them), when it has one (full parse, gptme 0.35.1), and the
 baseline of ``orjson.loads`` + ``orjson.dumps`` of the same body.
 """
 
@@ -19,17 +20,19 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.merge import merge
-from sidecar.snapshot import Snapshot
+from sidecar.core.merge import merge
+from sidecar.core.snapshot import Snapshot
 
 SIZES = {"2 KiB": 2 * 1024, "64 KiB": 64 * 1024, "1 MiB": 1024 * 1024}
 SNAP = Snapshot(status="failed", last_error="Error code: 401", stream="live", updated_at=1.0)
 
 
-def conversation(size: int, with_session: bool) -> bytes:
+def conversation(size: int, with_session: bool, escapes: bool = False) -> bytes:
     message = {
         "role": "assistant",
-        "content": "lorem ipsum dolor sit amet " * 8,
+        # With escapes: lines, as real answers have ("\n" in the JSON text).
+        "content": ("lorem ipsum dolor sit amet\n" if escapes else "lorem ipsum dolor sit amet ")
+        * 8,
         "timestamp": "2026-11-24T01:00:00",
     }
     log: list[dict[str, str]] = []
@@ -64,6 +67,7 @@ def per_call(fn: Callable[[], object], budget: float = 0.3) -> float:
 def main() -> None:
     columns = (
         "insert (0.31.0)",
+        "insert, escapes",
         "full parse (0.35.1)",
         "loads+dumps",
         "insert / baseline",
@@ -71,18 +75,21 @@ def main() -> None:
         "key search: in",
     )
     print(f"{'body':>7} | " + " | ".join(f"{c:>20}" for c in columns))
-    print("-" * 148)
+    print("-" * 171)
     needle = b'"session"'
     for label, size in SIZES.items():
         plain, with_session = conversation(size, False), conversation(size, True)
         insert = per_call(lambda b=plain: merge(b, "session", SNAP))
+        # A body with escapes is also searched for the key spelt with them.
+        lines = conversation(size, False, escapes=True)
+        escaped = per_call(lambda b=lines: merge(b, "session", SNAP))
         full = per_call(lambda b=with_session: merge(b, "session", SNAP))
         base = per_call(lambda b=plain: orjson.dumps(orjson.loads(b)))
         # The insert's one scan of the body: is the key absent? Both answer
         # the same; the reverse search is the faster in CPython on JSON text.
         rfind = per_call(lambda b=plain: b.rfind(needle))
         forward = per_call(lambda b=plain: needle in b)
-        cells = [f"{t * 1e6:>17.1f} µs" for t in (insert, full, base)]
+        cells = [f"{t * 1e6:>17.1f} µs" for t in (insert, escaped, full, base)]
         searches = [f"{t * 1e6:>17.1f} µs" for t in (rfind, forward)]
         print(f"{label:>7} | " + " | ".join([*cells, f"{insert / base:>20.3f}", *searches]))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import re
@@ -48,8 +49,8 @@ from merge_cost import conversation, per_call  # noqa: E402
 from upstream import SIZES as UPSTREAM_SIZES  # noqa: E402
 from upstream import conversation as upstream_body  # noqa: E402
 
-from sidecar.merge import merge  # noqa: E402
-from sidecar.snapshot import Snapshot  # noqa: E402
+from sidecar.core.merge import merge  # noqa: E402
+from sidecar.core.snapshot import Snapshot  # noqa: E402
 
 SIZES = ("c2k", "c64k", "c1m")
 LABELS = {"c2k": "2 KiB", "c64k": "64 KiB", "c1m": "1 MiB"}
@@ -171,7 +172,10 @@ class Processes:
         self, upstream_port: int, port: int, *extra: str, source: Path | None = None
     ) -> subprocess.Popen[bytes]:
         """The sidecar as a real process, in front of the upstream on that port
-        (``source``: a directory holding another version of the package)."""
+        (``source``: a directory holding another version of the package; by
+        default $BENCH_SIDECAR_SOURCE, which bench/ab.py sets, or this tree)."""
+        if source is None and os.environ.get("BENCH_SIDECAR_SOURCE"):
+            source = Path(os.environ["BENCH_SIDECAR_SOURCE"])
         cmd = (
             sys.executable, "-m", "sidecar", "--upstream", f"http://127.0.0.1:{upstream_port}",
             "--port", str(port), "--log-level", "warning", "--admin-token", ADMIN_TOKEN, *extra,
@@ -322,6 +326,7 @@ def main() -> int:
     parser.add_argument(
         "--baseline", default=BASELINE, help="git revision of the sidecar to compare against"
     )
+    parser.add_argument("--json", type=Path, help="also write the figures here (bench/ab.py)")
     args = parser.parse_args()
     missing = [
         tool
@@ -410,6 +415,7 @@ def main() -> int:
             print(head)
             print("-" * len(head))
             ratios: dict[tuple[str, str, str], float] = {}
+            everything: dict[tuple[str, str, str], tuple[float, float, float]] = {}
             for cid in SIZES:
                 for kind, path in (
                     ("plain", f"/plain/{cid}"),
@@ -428,6 +434,7 @@ def main() -> int:
                             )
                     for name in names:
                         measured[name] = _median(runs[name])
+                        everything[(cid, kind, name)] = measured[name]
                     for name, (rps, p50, p99) in measured.items():
                         ratio = rps / measured["nginx"][0]
                         ratios[(cid, kind, name)] = ratio
@@ -454,6 +461,7 @@ def main() -> int:
                 ingest(sidecar, direct, args.duration, args.connections)
             )
             p50, p99 = asyncio.run(latency(sidecar, direct, args.latency_samples))
+            p99_visible = p99
             # The store: the same measures with it on (the sidecar above, its
             # SQLite file) and off (one with --store memory), alternately.
             mem_port = free_port()
@@ -564,7 +572,38 @@ def main() -> int:
     print("-" * 78)
     for name, on, off in store_rows:
         print(f"{name:<37} | {on:>10,.0f} | {off:>10,.0f} | {on / off:.2f}")
+    if args.json is not None:
+        figures = Figures()
+        for cid in SIZES:
+            for kind in ("plain", "enrich"):
+                for name in ("sidecar", "cache on") if kind == "enrich" else ("sidecar",):
+                    rps, _, p99 = everything[(cid, kind, name)]
+                    label = "cache off" if name == "sidecar" else name
+                    figures.higher(f"{kind} GET {LABELS[cid]}, {label}, req/s", rps)
+                    figures.lower(f"{kind} GET {LABELS[cid]}, {label}, p99 ms", p99)
+        figures.higher("events ingested with polls running, ev/s", events_per_s)
+        figures.lower("event to visible in a GET, p99 ms", p99_visible)
+        figures.lower("resident memory per idle subscription, KiB", per_sub)
+        for name, on, _off in store_rows:
+            figures.higher(f"SQLite store on: {name}", on)
+        figures.write(args.json)
     return 0
+
+
+class Figures:
+    """What a bench measured, each with the way it is better (for bench/ab.py)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, object]] = {}
+
+    def higher(self, name: str, value: float) -> None:
+        self.rows[name] = {"value": value, "better": "higher"}
+
+    def lower(self, name: str, value: float) -> None:
+        self.rows[name] = {"value": value, "better": "lower"}
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,22 @@
 * ``POST /control/burst?n=N`` writes N token events to the ``burst`` stream as
   fast as it can.
 * ``POST /control/emit`` writes one state-changing event to the ``latency``
-  stream and answers the ``time.monotonic()`` at which it was written.
+  stream and answers the ``time.monotonic()`` at which it was written;
+  ``POST /control/flips?n=N`` writes N of them (``generation_started`` and
+  ``error`` in turn: N transitions) as fast as it can.
+* ``GET /api/v2/conversations`` answers a list of ``LISTED`` (100)
+  conversations shaped as gptme 0.35.1 lists them (ids ``l0``...);
+  ``GET /plain-list`` the same bytes on a path no profile lists.
+* ``POST /hooks`` is a webhook receiver: it answers 204 and notes when each
+  delivery arrived (``time.monotonic()``); ``GET /control/hooks`` tells them,
+  ``POST /control/hooks/reset`` forgets them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 
 import orjson
@@ -24,6 +33,26 @@ from aiohttp import web
 
 SIZES = {"c2k": 2 * 1024, "c64k": 64 * 1024, "c1m": 1024 * 1024}
 HEARTBEAT = 15.0
+LISTED = 100
+
+
+def listing(count: int) -> bytes:
+    """A conversation list as gptme 0.35.1 answers it, newest first."""
+    items = [
+        {
+            "agent_avatar": None, "agent_name": None, "agent_path": None, "agent_urls": None,
+            "branches": 1, "created": 1796000000.0 + i, "id": f"l{i}",
+            "last_message_preview": "please run the tests and tell me what failed",
+            "last_message_role": "user", "last_updated": 1796000100.0 - i,
+            "message_count": 12, "messages": 12, "model": "local/fake", "models_usage": {},
+            "modified": 1796000100.0 - i, "name": f"conversation {i}",
+            "path": f"/data/logs/l{i}/conversation.jsonl", "total_cache_read_tokens": 0,
+            "total_cost": 0.0, "total_input_tokens": 0, "total_output_tokens": 0,
+            "workspace": f"/data/logs/l{i}/workspace",
+        }
+        for i in range(count)
+    ]  # fmt: skip
+    return orjson.dumps(items)
 
 
 def conversation(cid: str, size: int) -> bytes:
@@ -42,16 +71,24 @@ class Upstream:
     def __init__(self) -> None:
         self.bodies = {cid: conversation(cid, size) for cid, size in SIZES.items()}
         self.small = conversation("small", 512)
+        self.list_body = listing(LISTED)
+        self.arrivals: list[float] = []
         self.streams: dict[str, list[web.StreamResponse]] = {}
         self.flip = False
         self.tasks: set[asyncio.Task[None]] = set()
         app = web.Application()
         app.router.add_get("/api/v2", self.root)
+        app.router.add_get("/api/v2/conversations", self.list)
+        app.router.add_get("/plain-list", self.list)
         app.router.add_get("/api/v2/conversations/{id}", self.get)
         app.router.add_get("/plain/{id}", self.get)
         app.router.add_get("/api/v2/conversations/{id}/events", self.events)
         app.router.add_post("/control/burst", self.burst)
         app.router.add_post("/control/emit", self.emit)
+        app.router.add_post("/control/flips", self.flips)
+        app.router.add_post("/hooks", self.hook)
+        app.router.add_get("/control/hooks", self.hooks)
+        app.router.add_post("/control/hooks/reset", self.hooks_reset)
         app.router.add_post("/control/soak", self.soak)
         app.on_shutdown.append(self.end_streams)
         self.app = app
@@ -66,6 +103,36 @@ class Upstream:
 
     async def root(self, request: web.Request) -> web.Response:
         return web.json_response({"message": "bench upstream"})
+
+    async def list(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.list_body, content_type="application/json")
+
+    async def hook(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.arrivals.append(time.monotonic())
+        return web.Response(status=204)
+
+    async def hooks(self, request: web.Request) -> web.Response:
+        return web.json_response({"arrivals": self.arrivals})
+
+    async def hooks_reset(self, request: web.Request) -> web.Response:
+        self.arrivals = []
+        return web.json_response({})
+
+    async def flips(self, request: web.Request) -> web.Response:
+        n = int(request.query.get("n", "1000"))
+        started = time.monotonic()
+        for resp in list(self.streams.get("latency", [])):
+            with contextlib.suppress(ConnectionResetError):  # a sidecar that left
+                for i in range(n):
+                    flip = i % 2 == 0
+                    event = (
+                        b'{"type": "generation_started"}'
+                        if flip
+                        else b'{"type": "error", "error": "x"}'
+                    )
+                    await resp.write(b"data: " + event + b"\n\n")
+        return web.json_response({"t": started})
 
     async def get(self, request: web.Request) -> web.Response:
         body = self.bodies.get(request.match_info["id"], self.small)
@@ -141,8 +208,9 @@ class Upstream:
             b'{"type": "generation_started"}' if self.flip else b'{"type": "error", "error": "x"}'
         )
         written = time.monotonic()
-        for resp in self.streams.get("latency", []):
-            await resp.write(b"data: " + event + b"\n\n")
+        for resp in list(self.streams.get("latency", [])):
+            with contextlib.suppress(ConnectionResetError):  # a sidecar that left
+                await resp.write(b"data: " + event + b"\n\n")
         return web.json_response({"t": written})
 
 

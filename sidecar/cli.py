@@ -4,6 +4,8 @@
     sidecar demo [--serve]                                   the built-in demo
     sidecar config [options] [--example]                     the effective settings (TOML)
     sidecar check --upstream URL [--id ID]                   check an upstream
+    sidecar schema [--webhook | --openapi [--profile P]]     the published JSON Schemas
+    sidecar watch ID [--until failed,completed]              follow one conversation
 
 Every option of :data:`sidecar.config.OPTIONS` is a flag here, a ``SIDECAR_*``
 environment variable and a key of the ``--config`` TOML file.
@@ -29,21 +31,23 @@ from . import __version__
 from .config import (
     CHECK_OPTIONS,
     OPTIONS,
+    WATCH_OPTIONS,
     ConfigError,
     Option,
     Settings,
     load_settings,
     masked_url,
 )
-from .profile import Profile, ProfileError, load_profile
-from .store import StoreInUse, StoreTooNew
+from .core.profile import Profile, ProfileError, load_profile
+from .state.store import StoreInUse, StoreRefused, StoreTooNew
+from .webhooks.signing import SecretError, read_secrets
 
 #: The defaults the help shows: the ones Settings has, the only ones.
 _DEFAULTS = {f.name: f.default for f in fields(Settings)}
 
 __all__ = ["main"]
 
-_COMMANDS = ("serve", "demo", "config", "check")
+_COMMANDS = ("serve", "demo", "config", "check", "schema", "watch")
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
     "message",
     "asctime",
@@ -113,7 +117,25 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--seconds", type=float, default=5.0, help="how long to listen to the stream"
     )
-    for p, names in ((serve, None), (config, None), (check, CHECK_OPTIONS)):
+    watch = sub.add_parser(
+        "watch", help="follow one conversation's state in a terminal (reads the state API)"
+    )
+    watch.add_argument("resource_id", metavar="ID", help="the conversation (opencode: session)")
+    watch.add_argument(
+        "--url", help="the sidecar's base URL (default: from admin_port/port and their hosts)"
+    )
+    watch.add_argument("--token-file", help="a file holding the admin token")
+    watch.add_argument(
+        "--interval", type=float, default=0.5, help="seconds between two reads (default 0.5)"
+    )
+    watch.add_argument("--until", default="", help="end when one of these statuses is reached")
+    watch.add_argument("--timeout", type=float, help="end after this many seconds (exit 1)")
+    for p, names in (
+        (serve, None),
+        (config, None),
+        (check, CHECK_OPTIONS),
+        (watch, WATCH_OPTIONS),
+    ):
         p.add_argument(
             "--config", metavar="FILE", help="a TOML file of options (env SIDECAR_CONFIG)"
         )
@@ -130,6 +152,19 @@ def _parser() -> argparse.ArgumentParser:
                 p.add_argument(
                     flag, dest=option.name, metavar=option.kind.__name__.upper(), help=text
                 )
+    schema = sub.add_parser(
+        "schema",
+        help="print the snapshot's JSON Schema (draft 2020-12), the webhook's, or an "
+        "OpenAPI 3.1 document of what the sidecar adds to a profile's upstream",
+    )
+    which = schema.add_mutually_exclusive_group()
+    which.add_argument("--webhook", action="store_true", help="a webhook body's schema")
+    which.add_argument(
+        "--openapi", action="store_true", help="the OpenAPI 3.1 document of --profile"
+    )
+    schema.add_argument(
+        "--profile", default="gptme", help="built-in profile name or profile file (--openapi)"
+    )
     demo = sub.add_parser(
         "demo", help="run the built-in demo: a fake gptme with the sidecar in front"
     )
@@ -141,7 +176,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    return load_settings(config_file=args.config, flags=flags)
+    return load_settings(
+        config_file=args.config, flags=flags, require_upstream=args.command != "watch"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,16 +190,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo.run import run_demo
 
             try:
                 return asyncio.run(run_demo(host=args.host, port=args.port, serve=args.serve))
             except KeyboardInterrupt:
                 return 0  # Ctrl-C ends `demo --serve`: that is how it is meant to stop
+        if args.command == "schema":
+            print(schema_text(args.webhook, args.profile if args.openapi else None), end="")
+            return 0
         if args.command == "config" and args.example:
             print(example_config(), end="")
             return 0
         settings = _settings(args)
+        if args.command == "watch":
+            return _watch(args, settings)
         profile = load_profile(settings.profile)
         if args.command == "config":
             if args.json:
@@ -171,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(settings_toml(settings, profile), end="")
             return 0
         if args.command == "check":
-            from .check import run_check
+            from .ops.check import run_check
 
             return asyncio.run(
                 run_check(settings, profile, sys.stdout, args.resource_id, args.seconds)
@@ -179,7 +221,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ProfileError) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
+    try:
+        for receiver in settings.receivers:
+            read_secrets(receiver.secret_file)  # a bad secret stops start-up, not a delivery
+    except SecretError as exc:
+        print(f"sidecar: webhook {receiver.name}: {exc}", file=sys.stderr)
+        return 2
     return serve(settings, profile)
+
+
+def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    from .ops.watch import run_watch
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"sidecar: token file {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    until = {s.strip() for s in args.until.split(",") if s.strip()}
+    try:
+        return asyncio.run(
+            run_watch(
+                settings,
+                args.resource_id,
+                sys.stdout,
+                url=args.url,
+                token=token,
+                interval=args.interval,
+                until=until,
+                timeout=args.timeout,
+            )
+        )
+    except KeyboardInterrupt:
+        return 0  # how `watch` is meant to end
+
+
+def schema_text(webhook: bool = False, openapi_profile: str | None = None) -> str:
+    """What ``sidecar schema`` prints (and ``docs/schema/`` holds): JSON, two-space indents."""
+    from .core import schema
+
+    if openapi_profile is not None:
+        profile = load_profile(openapi_profile)
+        doc = schema.openapi(profile.name, profile.key, __version__)
+    else:
+        doc = schema.webhook_schema() if webhook else schema.snapshot_schema()
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 def _default_text(option: Option) -> str:
@@ -210,7 +298,9 @@ def settings_toml(settings: Settings, profile: Profile) -> str:
         value = getattr(settings, option.name)
         if option.name == "stale_after" and value is None:
             value = 3 * profile.heartbeat_seconds
-        if (option.secret and value) or (
+        if option.secret and value and getattr(settings, option.name + "_file", None):
+            lines.append(f"# {option.name} = ... (read from {option.name}_file)")
+        elif (option.secret and value) or (
             option.name == "store" and masked_url(str(value)) != value
         ):
             lines.append(f"# {option.name} = ... (set, not shown: it holds a password)")
@@ -218,6 +308,15 @@ def settings_toml(settings: Settings, profile: Profile) -> str:
             lines.append(f"# {option.name}: not set")
         else:
             lines.append(f"{option.name} = {_toml_value(value)}")
+    for receiver in settings.webhooks:
+        lines += ["", "[[webhooks]]"]
+        for key, value in receiver.as_table().items():
+            shown = (
+                "[" + ", ".join(map(_toml_value, value)) + "]"
+                if isinstance(value, list)
+                else _toml_value(value)
+            )
+            lines.append(f"{key} = {shown}")
     return "\n".join(lines) + "\n"
 
 
@@ -248,7 +347,7 @@ def serve(settings: Settings, profile: Profile) -> int:
 
 
 def _serve_one(settings: Settings, profile: Profile) -> int:
-    from .server import run
+    from .server import disarm_watchdog, run
 
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
@@ -259,7 +358,7 @@ def _serve_one(settings: Settings, profile: Profile) -> int:
         runner = uvloop.run
     try:
         return int(runner(run(settings, profile)))
-    except (StoreInUse, StoreTooNew) as exc:
+    except (StoreInUse, StoreTooNew, StoreRefused) as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -267,6 +366,8 @@ def _serve_one(settings: Settings, profile: Profile) -> int:
         # permission): one line, no traceback.
         print(f"sidecar: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    finally:
+        disarm_watchdog()
 
 
 if __name__ == "__main__":  # pragma: no cover

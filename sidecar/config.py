@@ -18,7 +18,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["CHECK_OPTIONS", "OPTIONS", "ConfigError", "Option", "Settings", "load_settings"]
+from .webhooks.receivers import (
+    Receiver,
+    ReceiverError,
+    check_url,
+    parse_receivers,
+    parse_statuses,
+)
+
+__all__ = [
+    "CHECK_OPTIONS",
+    "OPTIONS",
+    "WATCH_OPTIONS",
+    "ConfigError",
+    "Option",
+    "Settings",
+    "load_settings",
+]
 
 ENV_PREFIX = "SIDECAR_"
 
@@ -31,6 +47,12 @@ def _url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        # Said without the value: the password must not reach a terminal or a log.
+        raise ValueError(
+            "must not carry credentials (user:password@): a URL ends up in answers, "
+            "logs and `ps`; give upstream_authorization_file (e.g. 'Basic <base64>') instead"
+        )
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
     return value.rstrip("/")
@@ -51,6 +73,12 @@ def _port(value: int) -> int:
 def _count(value: int) -> int:
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+def _at_least_zero(value: int) -> int:
+    if value < 0:
+        raise ValueError("must not be negative")
     return value
 
 
@@ -76,6 +104,21 @@ def _store(value: str) -> str:
     )
 
 
+def _receiver_url(value: str) -> str:
+    try:
+        return check_url(value, "url")
+    except ReceiverError as exc:
+        raise ValueError(str(exc).removeprefix("url: ")) from None
+
+
+def _statuses(value: str) -> str:
+    try:
+        statuses = parse_statuses(value, "webhook_statuses")
+    except ReceiverError as exc:
+        raise ValueError(str(exc).removeprefix("webhook_statuses: statuses: ")) from None
+    return ",".join(sorted(statuses))
+
+
 def _cache(value: str) -> str:
     if value not in ("off", "events"):
         raise ValueError("must be off or events")
@@ -97,6 +140,8 @@ class Option:
     secret: bool = False
     #: How the help states a default that Settings computes (None there).
     computed: str | None = None
+    #: This option names a file that holds the value of that (secret) option.
+    file_of: str | None = None
 
     @property
     def env(self) -> str:
@@ -115,6 +160,12 @@ OPTIONS: tuple[Option, ...] = (
         "Authorization header for the sidecar's own subscriptions",
         secret=True,
         computed="the client's",
+    ),
+    Option(
+        "upstream_authorization_file",
+        str,
+        "a file holding upstream_authorization (its trailing newline dropped)",
+        file_of="upstream_authorization",
     ),
     Option("connect_timeout", float, "seconds to connect to the upstream", _positive),
     Option(
@@ -173,6 +224,12 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option(
+        "store_password_file",
+        str,
+        "a file holding store_password (its trailing newline dropped)",
+        file_of="store_password",
+    ),
+    Option(
         "store_prefix",
         str,
         "the prefix of every Redis key and channel (fleets that share a Redis differ here)",
@@ -203,6 +260,12 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a finished conversation's snapshot is kept in the store",
         _positive,
     ),
+    Option(
+        "store_adopt",
+        bool,
+        "use a store made for another upstream, keeping what it holds (it is then this "
+        "upstream's); without it, such a store is refused at start",
+    ),
     Option("merge_limit", int, "largest body merged, bytes", _count),
     Option(
         "cache",
@@ -218,6 +281,13 @@ OPTIONS: tuple[Option, ...] = (
         _positive,
     ),
     Option("cache_max_bytes", int, "bytes the response cache holds at most", _count),
+    Option(
+        "list_observe",
+        int,
+        "how many of a list's most recently modified items a list answered to a client "
+        "with credentials starts observing (0: listing observes nothing)",
+        _at_least_zero,
+    ),
     Option(
         "max_merge_memory",
         int,
@@ -244,6 +314,12 @@ OPTIONS: tuple[Option, ...] = (
         "token for metrics, the state API and the page; without it they are served "
         "only on an admin port bound to loopback",
         secret=True,
+    ),
+    Option(
+        "admin_token_file",
+        str,
+        "a file holding admin_token (its trailing newline dropped)",
+        file_of="admin_token",
     ),
     Option(
         "admin_hosts",
@@ -285,6 +361,44 @@ OPTIONS: tuple[Option, ...] = (
     Option("probe_interval", float, "seconds between upstream reachability probes", _positive),
     Option("max_wait", float, "longest `Prefer: wait` honoured, seconds", _positive),
     Option("max_held", int, "requests held by `Prefer: wait` at once, at most", _count),
+    Option(
+        "webhook_url",
+        str,
+        "one receiver of webhooks on transitions (more: [[webhooks]] tables in the config file)",
+        _receiver_url,
+    ),
+    Option(
+        "webhook_secret_file",
+        str,
+        "the file holding that receiver's whsec_... secret (one a line while rotating)",
+    ),
+    Option(
+        "webhook_statuses",
+        str,
+        "the statuses that receiver is told of, comma-separated",
+        _statuses,
+        computed="completed,failed,interrupted,awaiting_tool,awaiting_input",
+    ),
+    Option(
+        "webhook_max_age",
+        float,
+        "seconds a webhook is tried for; then it is dropped and counted",
+        _positive,
+    ),
+    Option(
+        "webhook_retry_min",
+        float,
+        "the first retry's delay bound, seconds (doubled each attempt, full jitter)",
+        _positive,
+    ),
+    Option("webhook_retry_max", float, "the retry delay's cap, seconds", _positive),
+    Option("webhook_timeout", float, "seconds a receiver has to answer an attempt", _positive),
+    Option(
+        "webhook_outbox_max",
+        int,
+        "webhooks waiting per receiver at most (more are dropped, counted and logged)",
+        _count,
+    ),
     Option("access_log", bool, "log every request (one JSON line each)"),
     Option("log_level", str, "debug, info, warning or error", _level),
 )
@@ -294,9 +408,14 @@ CHECK_OPTIONS = (
     "upstream",
     "profile",
     "upstream_authorization",
+    "upstream_authorization_file",
     "connect_timeout",
     "max_event_bytes",
 )
+
+
+#: What `sidecar watch` reads: where the state API is, and its token.
+WATCH_OPTIONS = ("host", "port", "admin_port", "admin_host", "admin_token")
 
 
 @dataclass(frozen=True)
@@ -309,6 +428,7 @@ class Settings:
     profile: str = "gptme"
     preserve_host: bool = False
     upstream_authorization: str | None = None
+    upstream_authorization_file: str | None = None
     connect_timeout: float = 5.0
     response_timeout: float = 60.0
     trigger_wait: float = 2.0
@@ -322,16 +442,19 @@ class Settings:
     max_snapshots: int = 10000
     store: str = "sqlite"
     store_password: str | None = None
+    store_password_file: str | None = None
     store_prefix: str = "sidecar:"
     store_timeout: float = 0.5
     lease_ttl: float = 10.0
     workers: int = 1
     store_flush: float = 0.1
     retention: float = 7 * 24 * 3600.0
+    store_adopt: bool = False
     merge_limit: int = 32 * 1024 * 1024
     cache: str = "off"
     cache_max_age: float = 5.0
     cache_max_bytes: int = 64 * 1024 * 1024
+    list_observe: int = 10
     max_merge_memory: int = 256 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
     max_request_body: int = 1024**3
@@ -339,6 +462,7 @@ class Settings:
     admin_port: int | None = None
     admin_host: str = "127.0.0.1"
     admin_token: str | None = None
+    admin_token_file: str | None = None
     admin_hosts: str = ""
     shutdown_grace: float = 20.0
     header_timeout: float = 60.0
@@ -349,14 +473,37 @@ class Settings:
     probe_interval: float = 5.0
     max_wait: float = 60.0
     max_held: int = 1000
+    webhook_url: str | None = None
+    webhook_secret_file: str | None = None
+    webhook_statuses: str | None = None
+    webhook_max_age: float = 24 * 3600.0
+    webhook_retry_min: float = 1.0
+    webhook_retry_max: float = 300.0
+    webhook_timeout: float = 10.0
+    webhook_outbox_max: int = 10000
     access_log: bool = False
     log_level: str = "info"
+    #: The config file's ``[[webhooks]]`` tables (the ``webhook_*`` options add one).
+    webhooks: tuple[Receiver, ...] = ()
+
+    @property
+    def receivers(self) -> tuple[Receiver, ...]:
+        """Every receiver: the file's tables, and the one of the ``webhook_*`` options."""
+        if self.webhook_url is None:
+            return self.webhooks
+        table: dict[str, Any] = {"url": self.webhook_url, "secret_file": self.webhook_secret_file}
+        if self.webhook_statuses:
+            table["statuses"] = self.webhook_statuses
+        return parse_receivers([*(r.as_table() for r in self.webhooks), table], "webhooks")
 
     def masked(self) -> dict[str, Any]:
         """The effective settings, secrets masked: safe to print or log."""
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "webhooks":
+                out[f.name] = [r.as_table() for r in value]
+                continue
             if _BY_NAME[f.name].secret and value:
                 value = "***"
             elif f.name == "store":
@@ -400,6 +547,34 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
     return value
 
 
+def _merge(values: dict[str, Any], source: dict[str, Any], where: str) -> None:
+    """One source's options over the earlier ones'. A secret given by file
+    (``admin_token_file``: the convention of container secrets) is read
+    now; a source that gives it both ways is refused."""
+    for key, value in source.items():
+        option = _BY_NAME[key]
+        if option.file_of is not None:
+            if option.file_of in source:
+                raise ConfigError(f"{where}: {option.file_of} and {key}: give one of them")
+            values[option.file_of] = _read_secret(value, f"{where}: {key}")
+        elif option.secret:
+            values.pop(key + "_file", None)  # given here: no longer from the file
+        values[key] = value
+
+
+def _read_secret(path: str, where: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if any(c in text for c in "\r\n\x00"):
+        raise ConfigError(f"{where}: {path} holds more than one line")
+    return text
+
+
 def load_settings(
     config_file: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -418,11 +593,23 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file}: not valid TOML ({exc})") from None
         data = data.get("sidecar", data) if isinstance(data.get("sidecar"), dict) else data
+        source = {}
         for key, value in data.items():
+            if key == "webhooks":
+                where = f"config file {config_file}: webhooks"
+                if not isinstance(value, list):
+                    raise ConfigError(f"{where}: expected [[webhooks]] tables")
+                try:
+                    values[key] = parse_receivers(value, where)
+                except ReceiverError as exc:
+                    raise ConfigError(str(exc)) from None
+                continue
             option = _BY_NAME.get(key)
             if option is None:
                 raise ConfigError(f"config file {config_file}: {key}: unknown key")
-            values[key] = _coerce(option, value, f"config file {config_file}")
+            source[key] = _coerce(option, value, f"config file {config_file}")
+        _merge(values, source, f"config file {config_file}")
+    source = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
@@ -430,14 +617,18 @@ def load_settings(
         option = _BY_NAME.get(key)
         if option is None:
             raise ConfigError(f"environment: {name}: unknown variable")
-        values[key] = _coerce(option, value, "environment")
+        source[key] = _coerce(option, value, "environment")
+    _merge(values, source, "environment")
+    source = {}
     for key, value in (flags or {}).items():
         if value is not None:
-            values[key] = _coerce(_BY_NAME[key], value, "command line")
+            source[key] = _coerce(_BY_NAME[key], value, "command line")
+    _merge(values, source, "command line")
     if require_upstream and not values.get("upstream"):
         raise ConfigError(
             "upstream: missing (give --upstream URL, SIDECAR_UPSTREAM or `upstream` in the file)"
         )
+    values.setdefault("upstream", "")  # (a command that only reads a running sidecar)
     settings = Settings(**values)
     if settings.reconnect_min > settings.reconnect_max:
         raise ConfigError("reconnect_min: must not exceed reconnect_max")
@@ -450,4 +641,18 @@ def load_settings(
         )
     if settings.workers > 1 and settings.port == 0:
         raise ConfigError("workers: more than 1 needs a fixed port (they share it)")
+    if settings.webhook_retry_min > settings.webhook_retry_max:
+        raise ConfigError("webhook_retry_min: must not exceed webhook_retry_max")
+    webhook_options = (settings.webhook_secret_file, settings.webhook_statuses)
+    if settings.webhook_url is None and any(v is not None for v in webhook_options):
+        raise ConfigError("webhook_url: missing (webhook_secret_file and _statuses are for it)")
+    if settings.webhook_url is not None and not settings.webhook_secret_file:
+        raise ConfigError(
+            "webhook_secret_file: missing (a file holding the whsec_... secret the receiver "
+            "verifies signatures with)"
+        )
+    try:
+        settings.receivers  # noqa: B018 (two receivers with one name raise here)
+    except ReceiverError as exc:
+        raise ConfigError(str(exc)) from None
     return settings

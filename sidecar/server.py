@@ -11,26 +11,39 @@ keep-alive connections close, in-flight requests get up to
 ``shutdown_grace`` seconds to finish, subscriptions close, and the process
 exits 0. The default grace (20 s) fits inside Kubernetes' default 30 s
 ``terminationGracePeriodSeconds`` with room for a ``preStop`` pause.
+
+The whole shutdown is bounded by ``shutdown_grace``: requests in flight get
+the grace less a reserve for closing (a quarter of it, at most 2 s), every
+closing step is bounded, and a watchdog thread (it does not need the event
+loop, so it fires even if the loop is stuck) ends the process with exit
+code 1 and one log line when the grace is over. A second SIGTERM or SIGINT
+ends the process at once (exit code 128 + the signal), as uvicorn and
+gunicorn do. A start that fails (a port in use) closes what was opened, the
+store first, within the same bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import signal
+import threading
 from collections.abc import Callable
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .app import ADMIN_PREFIX, HEALTH, PROXY, create_admin_app, create_app
 from .config import Settings
-from .front import Front, log_access
-from .profile import Profile
-from .proxy import Proxy
+from .core.profile import Profile
+from .http.front import Front, log_access
+from .proxy.router import Proxy
 
 __all__ = ["JsonAccessLogger", "Server", "run"]
 
@@ -82,11 +95,23 @@ class Server:
         await self.runner.setup()
         handlers = self.runner.server
         assert handlers is not None
+        proxy = self.app[PROXY]
+        local = ADMIN_PREFIX if settings.admin_port is None else None
+
+        def aiohttp_path(path: str) -> bool:
+            """The admin paths (aiohttp's own routes, which it matches decoded:
+            ``/%5Fsidecar/`` is ``/_sidecar/`` to it), and what the proxy leaves to it."""
+            if local is not None:
+                plain = unquote(path) if "%" in path else path
+                if plain == local or plain.startswith(local + "/"):
+                    return True
+            return proxy.aiohttp_path(path)
+
         self.front = Front(
-            self.app[PROXY],
+            proxy.handle_get,
             handlers,
             self._access,
-            local_prefix=ADMIN_PREFIX if settings.admin_port is None else None,
+            aiohttp_path=aiohttp_path,
             keepalive_timeout=settings.keepalive_timeout,
             header_timeout=settings.header_timeout,
             max_connections=settings.max_connections,
@@ -163,9 +188,59 @@ class HeapTrimmer:
                 await loop.run_in_executor(None, self._trim, 0)
 
 
+#: The shutdown watchdog of this process, once a shutdown began (see the module's text).
+WATCHDOG: threading.Timer | None = None
+
+
+def _exit_now(code: int, event: str, **extra: object) -> None:
+    """End the process without waiting on anything (the loop may be stuck)."""
+    log.error(event, extra=extra)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(code)
+
+
+def _arm_watchdog(grace: float) -> None:
+    global WATCHDOG
+    if WATCHDOG is not None:
+        return
+    WATCHDOG = threading.Timer(
+        grace,
+        _exit_now,
+        (1, "shutdown did not finish within shutdown_grace: exiting now"),
+        {"grace_s": grace},
+    )
+    WATCHDOG.daemon = True
+    WATCHDOG.start()
+
+
+def disarm_watchdog() -> None:
+    """The process is done: no watchdog may end it now (tests run servers in-process)."""
+    global WATCHDOG
+    if WATCHDOG is not None:
+        WATCHDOG.cancel()
+        WATCHDOG = None
+
+
+def closing_reserve(grace: float) -> float:
+    """What of the grace is kept for closing streams and stores after the drain."""
+    return min(2.0, grace / 4)
+
+
 async def run(settings: Settings, profile: Profile) -> int:
     server = Server(settings, profile)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # Nothing is served: close what start-up opened (the store's
+        # connections and tasks), within bounds, then say why.
+        _arm_watchdog(settings.shutdown_grace)
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(
+                settings.shutdown_grace - closing_reserve(settings.shutdown_grace)
+            ):
+                await server.runner.cleanup()
+        raise
     trimmer = asyncio.create_task(HeapTrimmer(server.app[PROXY]).run())
     # What start-up made (modules, the application) lives as long as the
     # process: moved out of the cyclic collector's sight, so a full
@@ -186,12 +261,23 @@ async def run(settings: Settings, profile: Profile) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled(signum: int) -> None:
+        if stop.is_set():
+            _exit_now(
+                128 + signum, "second signal: exiting now", signal=signal.Signals(signum).name
+            )
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled, sig)
     await stop.wait()
 
+    grace = settings.shutdown_grace
+    _arm_watchdog(grace)
     trimmer.cancel()
-    log.info("shutting down", extra={"grace_s": settings.shutdown_grace})
-    await server.stop()  # stop listening, drain within the grace, close streams
+    log.info("shutting down", extra={"grace_s": grace})
+    # Stop listening, drain within the grace less what closing needs, close streams.
+    await server.stop(grace - closing_reserve(grace))
     log.info("stopped")
     return 0

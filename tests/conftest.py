@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.app import REGISTRY
 from sidecar.config import Settings
-from sidecar.fake import FakeGptme
-from sidecar.registry import Registry
+from sidecar.demo.fake import FakeGptme
 from sidecar.server import Server
+from sidecar.state.registry import Registry
 
 from .real import servers
 

@@ -16,13 +16,28 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import jsonschema
 import orjson
 
-from sidecar.sse import EventDecoder
+from sidecar.core.schema import snapshot_schema, webhook_schema
+from sidecar.core.sse import EventDecoder
 
 from .servers import WORKSPACE_RACE
 
-__all__ = ["Poller", "Relay", "Witness"]
+__all__ = ["Poller", "Relay", "Witness", "check_merged", "check_webhook"]
+
+_SNAPSHOT = jsonschema.Draft202012Validator(snapshot_schema())
+_WEBHOOK = jsonschema.Draft202012Validator(webhook_schema())
+
+
+def check_merged(state: Any) -> None:
+    """Every merged object a conformance test reads fits the published schema."""
+    _SNAPSHOT.validate(state)
+
+
+def check_webhook(body: Any) -> None:
+    """Every webhook body a conformance test receives fits the published schema."""
+    _WEBHOOK.validate(body)
 
 
 class Relay:
@@ -189,7 +204,9 @@ class Poller:
                 continue
             break
         assert resp.status == 200, f"GET {self.url(resource_id)}: {resp.status} {text}"
-        return dict(orjson.loads(text))
+        doc = dict(orjson.loads(text))
+        check_merged(doc[self.key])
+        return doc
 
     async def state(self, resource_id: str) -> dict[str, Any]:
         state = dict((await self.body(resource_id))[self.key])

@@ -20,6 +20,7 @@ else:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -298,7 +299,9 @@ def start_gptme(version: str, model_url: str) -> Process:
     return process
 
 
-def start_opencode(model_url: str) -> Process:
+def start_opencode(model_url: str, password: str | None = None) -> Process:
+    """opencode serving on loopback; with ``password``, behind its own
+    OPENCODE_SERVER_PASSWORD (user ``opencode``)."""
     require(opencode_dir(), f"opencode-ai {OPENCODE_VERSION}")
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-opencode-"))
     home = workdir / "home"
@@ -328,6 +331,11 @@ def start_opencode(model_url: str) -> Process:
         "XDG_STATE_HOME": str(home / ".local" / "state"),
         "LANG": "C.UTF-8",
     }
+    headers = {}
+    if password is not None:
+        env["OPENCODE_SERVER_PASSWORD"] = password
+        basic = base64.b64encode(f"opencode:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}"
     port = free_port()
     process = Process(
         name="opencode",
@@ -336,6 +344,7 @@ def start_opencode(model_url: str) -> Process:
         cwd=workdir,
         port=port,
         ready_path="/session",
+        headers=headers,
     )
     process.start()
     return process

@@ -1,0 +1,315 @@
+"""The event-validated response cache (``cache = "events"``), against the fake
+gptme upstream: what it saves the upstream, and that no poll is ever answered
+with a body the sidecar knows to be old. The same guarantees are checked
+against the released servers in ``tests/test_real_cache.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.demo.fake import FakeGptme, Outcome
+
+from ..conftest import eventually
+
+CACHE = {"cache": "events", "admin_token": "adm"}
+ADMIN = {"Authorization": "Bearer adm"}
+
+
+def upstream_gets(g: Any, cid: str) -> int:
+    return g.fake.requests.count(("GET", f"/api/v2/conversations/{cid}"))
+
+
+async def fetch(g: Any, cid: str, **headers: str) -> tuple[aiohttp.ClientResponse, dict[str, Any]]:
+    async with g.http.get(
+        g.url(f"/api/v2/conversations/{cid}"), headers={**g.headers, **headers}
+    ) as resp:
+        assert resp.status in (200, 304), await resp.text()
+        return resp, (await resp.json() if resp.status == 200 else {})
+
+
+async def cached(g: Any, cid: str) -> None:
+    """Read until the stream is live and an answer is stored."""
+    await g.get(cid)
+    await eventually(lambda: g.sidecar.snapshot(cid).stream == "live")
+    resp, _ = await fetch(g, cid)
+    assert "stored" in resp.headers["Cache-Status"], resp.headers["Cache-Status"]
+
+
+async def test_off_by_default_every_poll_reaches_the_upstream(gptme) -> None:
+    g = await gptme()
+    await g.create("c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    before = upstream_gets(g, "c1")
+    for _ in range(5):
+        resp, _ = await fetch(g, "c1")
+        assert "Cache-Status" not in resp.headers
+    assert upstream_gets(g, "c1") == before + 5
+
+
+async def test_polls_are_answered_from_the_cache_while_nothing_changes(gptme) -> None:
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    before = upstream_gets(g, "c1")
+    # A change the upstream announces nowhere (no event) is not seen: the
+    # polls are really answered by the sidecar.
+    g.fake.conversations["c1"].log.append({"role": "user", "content": "unannounced"})
+    for _ in range(20):
+        resp, body = await fetch(g, "c1")
+        assert resp.headers["Cache-Status"].startswith("sidecar; hit")
+        assert int(resp.headers["Age"]) >= 0
+        assert body["session"]["stream"] == "live"
+        assert [m["content"] for m in body["log"]] == ["hello"]
+    assert upstream_gets(g, "c1") == before
+
+
+async def test_an_answer_older_than_cache_max_age_is_asked_again(gptme) -> None:
+    g = await gptme(sidecar_options={**CACHE, "cache_max_age": 0.3})
+    await g.create("c1")
+    await cached(g, "c1")
+    g.fake.conversations["c1"].log.append({"role": "user", "content": "unannounced"})
+    await asyncio.sleep(0.35)
+    resp, body = await fetch(g, "c1")
+    assert "detail=expired" in resp.headers["Cache-Status"]
+    assert body["log"][-1]["content"] == "unannounced"
+
+
+async def test_the_merged_state_is_current_on_a_hit(gptme) -> None:
+    g = await gptme(sidecar_options=CACHE, outcome=Outcome(kind="error", start_delay=0.3))
+    sid = await g.create("c1")
+    await cached(g, "c1")
+    await g.step("c1", sid)
+    # The step's request was a write: the next poll asks the upstream...
+    resp, body = await fetch(g, "c1")
+    assert "detail=content" in resp.headers["Cache-Status"]
+    assert body["session"]["status"] in ("starting", "generating")
+    # ...and the error (an event that changes the state, not the body) shows
+    # on answers from the cache at once.
+    await eventually(lambda: g.sidecar.snapshot("c1").status == "failed")
+    resp, body = await fetch(g, "c1")
+    assert resp.headers["Cache-Status"].startswith("sidecar; hit")
+    assert body["session"]["status"] == "failed"
+    assert body["session"]["last_error"]
+
+
+async def test_a_content_event_makes_every_later_poll_carry_the_change(gptme, http) -> None:
+    """The message is appended at the upstream directly, while 20 pollers
+    poll through the sidecar: every poll sent once the sidecar has the
+    event carries the message."""
+    g = await gptme(sidecar_options=CACHE, get_delay=0.02)
+    await g.create("c1")
+    await cached(g, "c1")
+    conv = g.sidecar.registry.get("c1")
+    seen_at: list[float] = []
+    polls: list[tuple[float, list[str]]] = []
+    stop = asyncio.Event()
+
+    async def poller() -> None:
+        while not stop.is_set():
+            sent = time.monotonic()
+            _, body = await fetch(g, "c1")
+            polls.append((sent, [m["content"] for m in body["log"]]))
+            await asyncio.sleep(0.005)
+
+    async def watch(version: int) -> None:
+        await eventually(lambda: conv.version != version, interval=0.001)
+        seen_at.append(time.monotonic())
+
+    tasks = [asyncio.create_task(poller()) for _ in range(20)]
+    await asyncio.sleep(0.3)
+    watcher = asyncio.create_task(watch(conv.version))
+    async with http.post(
+        g.url("/api/v2/conversations/c1", direct=True), json={"role": "user", "content": "new"}
+    ) as resp:
+        assert resp.status == 200
+    await watcher
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*tasks)
+    after = [log for sent, log in polls if sent > seen_at[0]]
+    assert len(after) > 20
+    assert all(log[-1] == "new" for log in after), [log[-1] for log in after]
+    hits = sum(1 for sent, log in polls if sent > seen_at[0] + 0.1)
+    assert hits and upstream_gets(g, "c1") < len(polls) / 3  # the cache served most
+
+
+async def test_a_write_through_the_sidecar_is_read_back_at_once(gptme) -> None:
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    for i in range(10):
+        async with g.http.post(
+            g.url("/api/v2/conversations/c1"), json={"role": "user", "content": f"m{i}"}
+        ) as resp:
+            assert resp.status == 200
+        _, body = await fetch(g, "c1")
+        assert body["log"][-1]["content"] == f"m{i}"
+
+
+async def test_a_write_invalidates_even_without_an_event(gptme) -> None:
+    """Writes the upstream announces with no event still invalidate: the
+    request itself is the sign (here: a path below the conversation's)."""
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    g.fake.conversations["c1"].log.append({"role": "user", "content": "unannounced"})
+    async with g.http.patch(g.url("/api/v2/conversations/c1/messages/0"), json={}) as resp:
+        assert resp.status in (404, 405)  # the fake has no such route: still a write
+    resp, body = await fetch(g, "c1")
+    assert "detail=content" in resp.headers["Cache-Status"]
+    assert body["log"][-1]["content"] == "unannounced"
+
+
+async def test_a_broken_stream_bypasses_the_cache_until_it_is_live_again(gptme) -> None:
+    g = await gptme(sidecar_options={**CACHE, "reconnect_min": 0.3, "reconnect_max": 0.3})
+    await g.create("c1")
+    await cached(g, "c1")
+    g.fake.drop_streams()
+    await eventually(lambda: g.sidecar.snapshot("c1").stream != "live")
+    before = upstream_gets(g, "c1")
+    g.fake.conversations["c1"].log.append({"role": "user", "content": "while blind"})
+    resp, body = await fetch(g, "c1")
+    assert resp.headers["Cache-Status"] == "sidecar; fwd=bypass; detail=not_live"
+    assert body["log"][-1]["content"] == "while blind"
+    assert body["session"]["stream"] in ("reconnecting", "connecting")
+    assert upstream_gets(g, "c1") == before + 1
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    resp, _ = await fetch(g, "c1")
+    assert "stored" in resp.headers["Cache-Status"]  # asked again: events may have been lost
+    resp, _ = await fetch(g, "c1")
+    assert resp.headers["Cache-Status"].startswith("sidecar; hit")
+
+
+async def test_no_cache_from_the_client_asks_the_upstream(gptme) -> None:
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    before = upstream_gets(g, "c1")
+    resp, _ = await fetch(g, "c1", **{"Cache-Control": "no-cache"})
+    assert resp.headers["Cache-Status"].startswith("sidecar; fwd=request; detail=no_cache")
+    resp, _ = await fetch(g, "c1", Pragma="no-cache")
+    assert upstream_gets(g, "c1") == before + 2
+
+
+async def test_concurrent_misses_ask_the_upstream_once(gptme) -> None:
+    g = await gptme(sidecar_options={**CACHE, "cache_max_age": 0.2}, get_delay=0.1)
+    await g.create("c1")
+    await cached(g, "c1")
+    await asyncio.sleep(0.25)
+    before = upstream_gets(g, "c1")
+    answers = await asyncio.gather(*(fetch(g, "c1") for _ in range(20)))
+    assert upstream_gets(g, "c1") == before + 1
+    statuses = [resp.headers["Cache-Status"] for resp, _ in answers]
+    assert sum("detail=collapsed" in s for s in statuses) == 19, statuses
+
+
+async def test_credentials_are_cached_apart_and_a_refused_client_gets_nothing(gptme) -> None:
+    g = await gptme("0.35.1", token="s3cret", sidecar_options=CACHE)
+    g.headers = {"Authorization": "Bearer s3cret"}
+    await g.create("c1")
+    await cached(g, "c1")
+    resp, _ = await fetch(g, "c1")
+    assert resp.headers["Cache-Status"].startswith("sidecar; hit")
+    async with g.http.get(
+        g.url("/api/v2/conversations/c1"), headers={"Authorization": "Bearer wrong"}
+    ) as denied:
+        assert denied.status == 401
+    async with g.http.get(g.url("/api/v2/conversations/c1")) as anonymous:
+        assert anonymous.status == 401
+
+
+async def test_an_expired_answer_is_revalidated_with_the_upstreams_etag(gptme) -> None:
+    g = await gptme("0.35.1", sidecar_options={**CACHE, "cache_max_age": 0.2})
+    await g.create("c1")
+    await cached(g, "c1")
+    await asyncio.sleep(0.25)
+    resp, body = await fetch(g, "c1")
+    assert "detail=expired" in resp.headers["Cache-Status"]
+    assert body["log"][0]["content"] == "hello"
+    async with g.http.get(g.url("/_sidecar/metrics"), headers=ADMIN) as metrics:
+        text = await metrics.text()
+    # The conditional request was the sidecar's (the upstream answered 304 to
+    # the entry's tag); the client, which sent none, got the body.
+    assert 'sidecar_cache_requests_total{reason="not_modified",result="revalidated"} 1.0' in text
+    assert g.fake.requests.count(("GET", "/api/v2/conversations/c1")) >= 3
+
+
+async def test_a_client_holding_the_current_answer_gets_a_304_from_the_cache(gptme) -> None:
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    resp, _ = await fetch(g, "c1")
+    etag = resp.headers["ETag"]
+    before = upstream_gets(g, "c1")
+    again, _ = await fetch(g, "c1", **{"If-None-Match": etag})
+    assert again.status == 304
+    assert again.headers["ETag"] == etag
+    assert upstream_gets(g, "c1") == before
+
+
+async def test_a_long_poll_wakes_on_a_content_event_with_the_new_body(gptme, http) -> None:
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    resp, _ = await fetch(g, "c1")
+    etag = resp.headers["ETag"]
+    held = asyncio.create_task(fetch(g, "c1", **{"If-None-Match": etag, "Prefer": "wait=5"}))
+    await asyncio.sleep(0.2)
+    assert not held.done()
+    async with http.post(
+        g.url("/api/v2/conversations/c1", direct=True), json={"role": "user", "content": "new"}
+    ) as posted:
+        assert posted.status == 200
+    resp, body = await asyncio.wait_for(held, 3)
+    assert resp.status == 200
+    assert body["log"][-1]["content"] == "new"
+
+
+async def test_memory_is_bounded_least_recently_used_out(gptme) -> None:
+    # Room for two entries (about 2.3 KB each, their keys and overhead counted).
+    g = await gptme(sidecar_options={**CACHE, "cache_max_bytes": 5000})
+    for cid in ("c1", "c2", "c3"):
+        await g.create(cid)
+        await cached(g, cid)
+    async with g.http.get(g.url("/_sidecar/metrics"), headers=ADMIN) as metrics:
+        text = await metrics.text()
+    held = float(text.split("\nsidecar_cache_bytes ")[1].split()[0])
+    entries = float(text.split("\nsidecar_cache_entries ")[1].split()[0])
+    assert 0 < held <= 5000
+    assert entries < 3, held
+    resp, _ = await fetch(g, "c1")  # the oldest went first
+    assert "detail=absent" in resp.headers["Cache-Status"]
+
+
+@pytest.mark.parametrize("header", ["Set-Cookie", "Vary"])
+async def test_an_answer_the_upstream_marks_personal_is_not_kept(
+    serve, start_sidecar, http, header: str
+) -> None:
+    fake = FakeGptme()
+
+    @aiohttp.web.middleware
+    async def personal(request: Any, handler: Any) -> Any:
+        resp = await handler(request)
+        if request.method == "GET" and not request.path.endswith("/events"):
+            resp.headers[header] = "a=b" if header == "Set-Cookie" else "*"
+        return resp
+
+    fake.app.middlewares.append(personal)
+    server = await serve(fake.app)
+    sidecar = await start_sidecar(str(server.make_url("")).rstrip("/"), cache="events")
+    url = f"{sidecar.url}/api/v2/conversations/c1"
+    async with http.put(url, json={"prompt": "p", "messages": []}) as resp:
+        assert resp.status == 200
+    async with http.get(url) as resp:
+        await resp.read()
+    await eventually(lambda: sidecar.snapshot("c1").stream == "live")
+    for _ in range(3):
+        async with http.get(url) as resp:
+            assert "stored" not in resp.headers["Cache-Status"]
+            assert "hit" not in resp.headers["Cache-Status"]
