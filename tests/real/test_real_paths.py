@@ -256,12 +256,16 @@ async def test_a_step_posted_to_an_encoded_path_is_watched_as_a_step(
     cid, sid = await gptme.create("slow")
     await gptme.live(cid)
     target = URL(f"{sidecar.url}/api/v2/conversations/{cid}/%73tep", encoded=True)
-    async with http.post(target, json={"session_id": sid}, headers=gptme.headers) as resp:
-        assert resp.status == 200, await resp.text()
-    # Answered after the trigger's own handling: the next read is working.
-    state = await gptme.poller.state(cid)
-    assert state["generating"] is True and state["status"] != "unknown", state
-    interrupt = f"{gptme.conversation_url(cid)}/interrupt"
-    async with http.post(interrupt, json={"session_id": sid}, headers=gptme.headers) as resp:
-        assert resp.status == 200
-    await gptme.poller.wait(cid, "interrupted")
+    async with gptme.witness(cid) as witness:
+        async with http.post(target, json={"session_id": sid}, headers=gptme.headers) as resp:
+            assert resp.status == 200, await resp.text()
+        # Answered after the trigger's own handling: the next read is working.
+        state = await gptme.poller.state(cid)
+        assert state["generating"] is True and state["status"] != "unknown", state
+        # An interrupt gptme receives before its step thread has begun is
+        # lost (the step then runs to its end): interrupt once it streams.
+        await witness.wait_for("generation_progress")
+        interrupt = f"{gptme.conversation_url(cid)}/interrupt"
+        async with http.post(interrupt, json={"session_id": sid}, headers=gptme.headers) as resp:
+            assert resp.status == 200
+        await gptme.poller.wait(cid, "interrupted", witness)
