@@ -7,6 +7,7 @@ other answer passes through unmerged, and says so in a metric and the log.
 from __future__ import annotations
 
 import gzip
+import sys
 import zlib
 
 from ..core.merge import MergeError
@@ -15,6 +16,16 @@ try:  # a dependency; should an install lack it, br bodies pass through unmerged
     import brotli
 except ImportError:  # pragma: no cover
     brotli = None
+
+# zstd: the standard library's (PEP 784) from Python 3.14, its backport before.
+if sys.version_info >= (3, 14):  # pragma: no cover
+    from compression import zstd
+else:
+    from backports import zstd
+
+# RFC 9659: a zstd coding's window is at most 8 MB, and a decoder may refuse
+# more; it bounds the decoder's own memory, whatever the frame header asks.
+ZSTD_WINDOW_LOG_MAX = 23
 
 __all__ = ["CodingError", "decode_body", "encode_body", "supported_encoding"]
 
@@ -26,7 +37,7 @@ class CodingError(MergeError):
 
 def supported_encoding(content_encoding: str) -> bool:
     coding = content_encoding.strip().lower()
-    if coding in ("", "identity", "gzip", "x-gzip", "deflate"):
+    if coding in ("", "identity", "gzip", "x-gzip", "deflate", "zstd"):
         return True
     return coding == "br" and brotli is not None
 
@@ -52,6 +63,8 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
             return _inflate(body, -zlib.MAX_WBITS, limit, members=False)
     if coding == "br" and brotli is not None:
         return _unbrotli(body, limit)
+    if coding == "zstd":
+        return _unzstd(body, limit)
     raise CodingError(f"unsupported content coding {content_encoding!r}")
 
 
@@ -90,6 +103,30 @@ def _unbrotli(body: bytes, limit: int) -> bytes:
             raise CodingError("truncated compressed body")
 
 
+def _unzstd(body: bytes, limit: int) -> bytes:
+    """Every frame of the body (RFC 8878 allows several, and skippable ones),
+    bounded as the output grows, the window bounded by RFC 9659."""
+    out = bytearray()
+    data = body
+    while True:
+        try:
+            d = zstd.ZstdDecompressor(
+                options={zstd.DecompressionParameter.window_log_max: ZSTD_WINDOW_LOG_MAX}
+            )
+            out += d.decompress(data, limit + 1 - len(out))
+        except zstd.ZstdError as exc:
+            raise CodingError(f"invalid zstd body: {exc}") from None
+        if len(out) > limit:
+            raise _too_large()
+        if not d.eof:
+            if d.needs_input:
+                raise CodingError("truncated compressed body")
+            raise _too_large()  # output held back: there is more than the limit
+        data = d.unused_data
+        if not data:
+            return bytes(out)
+
+
 def encode_body(body: bytes, content_encoding: str) -> bytes:
     coding = content_encoding.strip().lower()
     if coding in ("", "identity"):
@@ -100,4 +137,6 @@ def encode_body(body: bytes, content_encoding: str) -> bytes:
         return zlib.compress(body, 5)
     if coding == "br" and brotli is not None:
         return bytes(brotli.compress(body, quality=4))
+    if coding == "zstd":
+        return zstd.compress(body, level=3)
     raise CodingError(f"unsupported content coding {content_encoding!r}")
