@@ -2,6 +2,9 @@
 
 Only the codings decoded here can be merged (``supported_encoding``); any
 other answer passes through unmerged, and says so in a metric and the log.
+So that a new coding never turns the merge off silently, a request whose
+answer is merged asks the upstream only for these (``decodable_accept``):
+the client's own preferences among them, its refusals kept.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ else:
 # more; it bounds the decoder's own memory, whatever the frame header asks.
 ZSTD_WINDOW_LOG_MAX = 23
 
-__all__ = ["CodingError", "decode_body", "encode_body", "supported_encoding"]
+__all__ = [
+    "CodingError",
+    "decodable_accept",
+    "decode_body",
+    "encode_body",
+    "supported_encoding",
+    "zstd",  # the module, whichever Python provides it
+]
 
 
 class CodingError(MergeError):
@@ -40,6 +50,77 @@ def supported_encoding(content_encoding: str) -> bool:
     if coding in ("", "identity", "gzip", "x-gzip", "deflate", "zstd"):
         return True
     return coding == "br" and brotli is not None
+
+
+def _decodable() -> tuple[str, ...]:
+    """The codings decoded here, in the order ``*`` is expanded to them."""
+    return ("zstd", "br", "gzip", "deflate") if brotli is not None else ("zstd", "gzip", "deflate")
+
+
+def decodable_accept(accept: str | None) -> str | None:
+    """The client's ``Accept-Encoding`` with only the codings decoded here.
+
+    Each element keeps its place and its q-value as the client wrote them;
+    a coding not decoded here is left out (the upstream could choose it, and
+    the answer could not be merged); ``*`` stands for every decodable coding
+    the client did not name, with its q-value (``*;q=0`` refuses them, and
+    identity too, as RFC 9110 12.5.3 says), and refusals (``q=0``) are kept.
+    A header that names nothing decodable asks for ``identity``, acceptable
+    unless refused. A client that accepts only codings not decoded here is
+    asked for as it asked (its answer passes unmerged, never a 406 of the
+    sidecar's making); no header (None) stays None.
+    """
+    if accept is None:
+        return None
+    kept: list[str] = []
+    named: set[str] = set()
+    star: str | None = None  # the parameters of "*", as written
+    acceptable = False  # a kept coding the client accepts
+    identity_q: float | None = None
+    changed = False
+    for element in accept.split(","):
+        element = element.strip()
+        if not element:
+            continue
+        coding, _, params = element.partition(";")
+        coding = coding.strip().lower()
+        if coding == "x-gzip":
+            coding = "gzip"
+        if coding == "*":
+            star, changed = params.strip(), True
+            continue
+        named.add(coding)
+        if coding == "identity":
+            identity_q = _q(params)
+        if coding == "identity" or supported_encoding(coding):
+            kept.append(element)
+            acceptable = acceptable or _q(params) > 0
+        else:
+            changed = True
+    if star is not None:
+        for coding in (*_decodable(), "identity"):
+            if coding not in named:
+                kept.append(f"{coding};{star}" if star else coding)
+                acceptable = acceptable or _q(star) > 0
+    if not changed:
+        return accept
+    if identity_q is None and star is not None:
+        identity_q = _q(star)
+    if not acceptable and identity_q == 0:  # identity refused, by name or by "*;q=0"
+        return accept
+    return ", ".join(kept) if kept else "identity"
+
+
+def _q(params: str) -> float:
+    """An element's q-value (RFC 9110 12.4.2); absent or unreadable: 1."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value.strip())
+            except ValueError:
+                return 1.0
+    return 1.0
 
 
 def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:

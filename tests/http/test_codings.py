@@ -106,3 +106,51 @@ def test_a_zstd_window_beyond_rfc_9659s_8_mb_is_refused() -> None:
 def test_a_body_that_is_not_zstd_is_an_error(body: bytes) -> None:
     with pytest.raises(MergeError):
         codings.decode_body(body, "zstd", 10**6)
+
+
+# ------------------------------------------------ what is asked upstream
+
+
+@pytest.mark.parametrize(
+    ("accept", "asked"),
+    [
+        # Every coding decoded here: the client's header as it came.
+        ("gzip, deflate, br, zstd", "gzip, deflate, br, zstd"),
+        ("br;q=1.0, gzip;q=0.8, *;q=0.1", None),  # "*" expanded below instead
+        ("", ""),
+        # A coding not decoded here is left out; places and q-values kept.
+        ("gzip, deflate, br, zstd, dcz", "gzip, deflate, br, zstd"),
+        ("br;q=0.9, dcz;q=1, gzip;q=0.1", "br;q=0.9, gzip;q=0.1"),
+        ("compress", "identity"),
+        ("dcz, identity", "identity"),
+        # Refusals are kept, and the client's own refusal of identity too.
+        ("zstd;q=0, gzip", "zstd;q=0, gzip"),
+        ("dcz, gzip;q=0", "gzip;q=0"),
+        ("dcz, identity;q=0, gzip", "identity;q=0, gzip"),
+        # "*": every decodable coding not named, with its q-value.
+        ("*", "zstd, br, gzip, deflate, identity"),
+        (
+            "zstd;q=0, *;q=0.5",
+            "zstd;q=0, br;q=0.5, gzip;q=0.5, deflate;q=0.5, identity;q=0.5",
+        ),
+        # Nothing decodable accepted, identity refused: asked as the client
+        # asked (its answer passes unmerged), never a 406 the sidecar made.
+        ("dcz, identity;q=0", "dcz, identity;q=0"),
+        ("dcz, *;q=0", "dcz, *;q=0"),
+        ("*;q=0", "*;q=0"),
+    ],
+)
+def test_only_codings_decoded_here_are_asked_for(accept: str, asked: str | None) -> None:
+    if asked is None:
+        asked = "br;q=1.0, gzip;q=0.8, zstd;q=0.1, deflate;q=0.1, identity;q=0.1"
+    assert codings.decodable_accept(accept) == asked
+
+
+def test_no_accept_encoding_stays_none() -> None:
+    assert codings.decodable_accept(None) is None
+
+
+@pytest.mark.parametrize("accept", ["gzip;q=abc, dcz", ";;, ,dcz;q=", "x-gzip, dcz"])
+def test_an_odd_accept_encoding_is_rewritten_never_an_error(accept: str) -> None:
+    asked = codings.decodable_accept(accept)
+    assert asked is not None and "dcz" not in asked
