@@ -32,12 +32,43 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..http.codings import zstd
+
 try:
     import brotli
 except ImportError:  # pragma: no cover
     brotli = None
 
 __all__ = ["FakeGptme", "FakeOpencode", "Outcome"]
+
+
+def _choose_coding(accept: str) -> str | None:
+    """The coding gptme 0.35.1 answers in (Flask-Compress 1.25): the highest
+    q-value, ties to zstd, br, gzip in that order; ``*`` only when nothing
+    named is known; None: identity. (It would also do deflate: not faked.)"""
+    known = ("zstd", "br", "gzip") if brotli is not None else ("zstd", "gzip")
+    by_q: dict[float, set[str | None]] = {}
+    anything = False
+    for part in accept.lower().split(","):
+        coding, _, params = part.strip().partition(";")
+        coding = coding.strip()
+        try:
+            q = float(params.split("=")[1]) if "q=" in params else 1.0
+        except (ValueError, IndexError):
+            q = 1.0
+        if coding == "*":
+            anything = anything or q > 0
+        elif coding == "identity":
+            by_q.setdefault(q, set()).add(None)
+        elif coding in known:
+            by_q.setdefault(q, set()).add(coding)
+    for _, codings in sorted(by_q.items(), reverse=True):
+        if len(codings) == 1:
+            return codings.pop()
+        if codings:
+            return next(c for c in known if c in codings)
+    return known[0] if anything else None
+
 
 INVALID_KEY_ERROR = (
     "Error code: 401 - {'error': {'message': 'Incorrect API key provided', "
@@ -111,6 +142,7 @@ class FakeGptme:
         self.sessions: dict[str, Session] = {}
         self.silent = False
         self.requests: list[tuple[str, str]] = []  # (method, raw path) seen
+        self.accept_encodings: list[tuple[str, str | None]] = []  # (raw path, header)
         #: The outcome of a conversation's next step, if planned (else ``outcome``).
         self.planned: dict[str, Outcome] = {}
         #: The upstream's own record of every step that ended, in order:
@@ -164,11 +196,13 @@ class FakeGptme:
         headers = {"Content-Type": "application/json"}
         if self.compress:
             headers["Vary"] = "Accept-Encoding"
-            accept = request.headers.get("Accept-Encoding", "")
-            if "br" in accept and brotli is not None:
-                raw, headers["Content-Encoding"] = brotli.compress(raw), "br"
-            elif "gzip" in accept:
-                raw, headers["Content-Encoding"] = gzip.compress(raw), "gzip"
+            coding = _choose_coding(request.headers.get("Accept-Encoding", ""))
+            if coding == "zstd":
+                raw, headers["Content-Encoding"] = zstd.compress(raw, level=3), coding
+            elif coding == "br":
+                raw, headers["Content-Encoding"] = brotli.compress(raw), coding
+            elif coding == "gzip":
+                raw, headers["Content-Encoding"] = gzip.compress(raw), coding
         return web.Response(body=raw, status=status, headers=headers)
 
     def _session_for(self, conversation_id: str) -> Session:
@@ -183,6 +217,7 @@ class FakeGptme:
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         ) -> web.StreamResponse:
             self.requests.append((request.method, request.raw_path))
+            self.accept_encodings.append((request.raw_path, request.headers.get("Accept-Encoding")))
             if self.allowed_hosts is not None:
                 host = (request.host or "").rsplit(":", 1)[0]
                 if host not in self.allowed_hosts:

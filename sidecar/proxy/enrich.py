@@ -38,7 +38,7 @@ from ..core.credentials import Credentials
 from ..core.merge import merge
 from ..core.profile import Profile
 from ..http.client import UpstreamResponse
-from ..http.codings import decode_body, encode_body, supported_encoding
+from ..http.codings import decodable_accept, decode_body, encode_body, supported_encoding
 from ..http.errors import UpstreamError
 from ..http.etags import merged_etag, translate_if_none_match
 from ..http.exchange import Exchange
@@ -51,7 +51,7 @@ from .counts import Counts
 from .longpoll import LongPoll
 from .relay import LARGE_ANSWER, Relay
 
-__all__ = ["Conditions", "Enrich", "Merger"]
+__all__ = ["Conditions", "Enrich", "Merger", "ask_decodable"]
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -63,6 +63,20 @@ _UNMERGED_WHY = {
     "too_large": "the answer is larger than merge_limit",
     "memory": "max_merge_memory is held by answers being merged",
 }
+
+
+def ask_decodable(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """An answer to be merged is asked for only in codings decoded here (the
+    client's ``Accept-Encoding`` among them, ``sidecar.http.codings``); a
+    forwarded request keeps the client's header as it came. The cache keys
+    on the client's own header, of which this is a function."""
+    values = headers.getall("Accept-Encoding", ())
+    if values:
+        joined = ", ".join(values)
+        asked = decodable_accept(joined)
+        if asked is not None and asked != joined:
+            headers["Accept-Encoding"] = asked
+    return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +164,7 @@ class Enrich:
     ) -> None:
         """Steps 3 and 4 of the module's pipeline."""
         fingerprint = client.fingerprint
-        headers = self.upstream.headers(exchange)
+        headers = ask_decodable(self.upstream.headers(exchange))
         # A shared store: its snapshot is read while the upstream answers.
         shared = self.registry.fetch_soon(resource_id)
         current = self.registry.current_tags(conv) if conv is not None else ()

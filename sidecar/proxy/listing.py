@@ -58,7 +58,7 @@ from ..http.headers import relayable_reason, response_headers
 from ..http.upstream import Upstream, read_at_most
 from ..state.registry import Registry
 from .counts import Counts
-from .enrich import Merger
+from .enrich import Merger, ask_decodable
 from .relay import Relay
 
 __all__ = ["Listing"]
@@ -91,7 +91,7 @@ class Listing:
         self.observe = observe
 
     async def list(self, exchange: Exchange, target: str) -> None:
-        headers = self.upstream.headers(exchange)
+        headers = ask_decodable(self.upstream.headers(exchange))
         for name in _CONDITIONS:
             headers.popall(name, None)
         upstream = await self.upstream.send(exchange, target, headers=headers)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
-import brotli
 import pytest
 
 from sidecar.demo.fake import Outcome
+from sidecar.http import codings
 
 from ..conftest import eventually
 
 
-@pytest.mark.parametrize("coding", ["br", "gzip"])
+@pytest.mark.parametrize("coding", ["br", "gzip", "zstd"])
 async def test_a_compressed_upstream_body_is_merged_and_recompressed(gptme, coding: str) -> None:
     g = await gptme("0.35.1", outcome=Outcome(kind="error"))
     sid = await g.create("c1")
@@ -28,13 +29,59 @@ async def test_a_compressed_upstream_body_is_merged_and_recompressed(gptme, codi
             assert resp.headers["Vary"] == "Accept-Encoding"
             body = await resp.read()
             assert int(resp.headers["Content-Length"]) == len(body)
-    import gzip
-    import json
-
-    doc = json.loads(brotli.decompress(body) if coding == "br" else gzip.decompress(body))
+    doc = json.loads(codings.decode_body(body, coding, 10**6))
     assert doc["session"]["status"] == "failed"
     assert doc["session"]["id"]  # the upstream's own key is kept
     assert doc["log"][0]["content"] == "hello"
+
+
+BROWSER = "gzip, deflate, br, zstd, dcz"  # Chromium's, and a coding not decoded here
+
+
+async def test_a_merged_answer_is_asked_for_only_in_codings_decoded_here(gptme) -> None:
+    g = await gptme("0.35.1", outcome=Outcome(kind="error"))
+    sid = await g.create("c1")
+    await g.step("c1", sid)
+    await g.wait_status("c1", "failed")
+    g.fake.accept_encodings.clear()
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        for target in ("/api/v2/conversations/c1", "/api/v2/conversations"):
+            async with raw.get(g.url(target), headers={"Accept-Encoding": BROWSER}) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Encoding"] == "zstd"
+                doc = json.loads(codings.decode_body(await resp.read(), "zstd", 10**6))
+            item = doc if target.endswith("c1") else doc[0]
+            assert item["session"]["status"] == "failed", item
+        # A forwarded request keeps the client's header as it came.
+        async with raw.get(g.url("/api/v2"), headers={"Accept-Encoding": BROWSER}) as resp:
+            assert resp.status == 200
+    seen = dict(g.fake.accept_encodings)
+    assert seen["/api/v2/conversations/c1"] == "gzip, deflate, br, zstd"
+    assert seen["/api/v2/conversations"] == "gzip, deflate, br, zstd"
+    assert seen["/api/v2"] == BROWSER
+
+
+async def test_a_client_that_refuses_zstd_is_not_answered_in_it(gptme) -> None:
+    g = await gptme("0.35.1", sidecar_options={"cache": "events"})
+    await g.create("c1")
+    await g.get("c1")
+    await eventually(lambda: g.sidecar.snapshot("c1").stream == "live")
+    url = g.url("/api/v2/conversations/c1")
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        for accept, coding in [
+            ("zstd, *;q=0.5", "zstd"),  # (twice: the second is the cache's)
+            ("zstd, *;q=0.5", "zstd"),
+            ("zstd;q=0, *;q=0.5", "br"),
+            ("zstd;q=0, br;q=0, gzip", "gzip"),
+            ("*;q=0, identity", None),
+        ]:
+            async with raw.get(url, headers={"Accept-Encoding": accept}) as resp:
+                assert resp.headers.get("Content-Encoding") == coding, (accept, resp.headers)
+                body = codings.decode_body(await resp.read(), coding or "", 10**6)
+                assert json.loads(body)["session"]["stream"] == "live"
+            if accept == "zstd, *;q=0.5":
+                status = resp.headers["Cache-Status"]
+    assert "hit" in status, status
 
 
 async def test_a_client_that_accepts_no_compression_gets_plain_json(gptme) -> None:

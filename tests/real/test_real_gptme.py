@@ -17,7 +17,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+
+from sidecar.http import codings
 
 from ..conftest import eventually
 from . import servers
@@ -291,3 +294,28 @@ async def test_a_model_server_error_fails_0_31_0_and_keeps_0_35_1_working(gptme:
             state = await gptme.poller.wait(cid, "failed", witness)
             assert "Error code: 500" in state["last_error"]
             assert time.monotonic() - started > 1.0  # after the client's retries
+
+
+CHROMIUM_ACCEPT = "gzip, deflate, br, zstd"  # what every current browser asks for
+
+
+async def test_a_browser_gets_the_merged_state_whatever_coding_it_accepts(gptme: Gptme) -> None:
+    cid = f"conf-coding-{next(_ids)}-{int(time.time() * 1000) % 100000}"
+    messages = [{"role": "user", "content": f"message {i} " + "x" * 200} for i in range(10)]
+    gptme.upstream.seed_gptme_conversation(cid, messages)
+    await gptme.live(cid)
+    headers = {**gptme.headers, "Accept-Encoding": CHROMIUM_ACCEPT + ", dcz"}
+    async with aiohttp.ClientSession(auto_decompress=False) as raw:
+        async with raw.get(gptme.conversation_url(cid, direct=True), headers=headers) as direct:
+            assert direct.status == 200
+            own = direct.headers.get("Content-Encoding")
+        async with raw.get(gptme.conversation_url(cid), headers=headers) as resp:
+            assert resp.status == 200
+            coding = resp.headers.get("Content-Encoding")
+            body = codings.decode_body(await resp.read(), coding or "", 10**7)
+    # 0.35.1 (Flask-Compress) answers a browser in zstd; 0.31.0 compresses nothing.
+    assert own == ("zstd" if gptme.modern else None)
+    assert coding == own
+    doc = orjson.loads(body)
+    assert doc["session"]["stream"] == "live", doc.get("session")
+    assert doc["log"][-1]["content"].startswith("message 9")
