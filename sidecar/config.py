@@ -280,6 +280,13 @@ OPTIONS: tuple[Option, ...] = (
         "seconds a cached answer is reused at most, events or not",
         _positive,
     ),
+    Option(
+        "cache_stale_while_revalidate",
+        float,
+        "seconds past cache_max_age an answer still valid by the events is served at once "
+        "while the upstream is asked again in the background (0: the poller waits)",
+        _at_least_zero,
+    ),
     Option("cache_max_bytes", int, "bytes the response cache holds at most", _count),
     Option(
         "list_observe",
@@ -453,6 +460,7 @@ class Settings:
     merge_limit: int = 32 * 1024 * 1024
     cache: str = "off"
     cache_max_age: float = 5.0
+    cache_stale_while_revalidate: float = 5.0
     cache_max_bytes: int = 64 * 1024 * 1024
     list_observe: int = 10
     max_merge_memory: int = 256 * 1024 * 1024

@@ -18,7 +18,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .errors import BodyStalled, BodyTooLarge, too_large
 from .headers import dropped
 
-__all__ = ["Exchange", "PassthroughResponse", "WebExchange", "is_websocket", "stream_body"]
+__all__ = [
+    "Detached",
+    "Exchange",
+    "PassthroughResponse",
+    "WebExchange",
+    "is_websocket",
+    "stream_body",
+]
 
 
 class Exchange(Protocol):
@@ -49,6 +56,51 @@ class Exchange(Protocol):
     async def write(self, chunk: bytes) -> None: ...
     async def finish(self) -> None: ...
     def abort(self) -> None: ...
+
+
+class Detached:
+    """A GET the sidecar makes of its own accord, as the client it stands for
+    would (its credentials and the headers a cache key holds), whose answer
+    no client waits for: a background revalidation. Its conditions and
+    cache directives are the sidecar's, not the client's; what it is
+    answered is dropped (``status`` says what it was)."""
+
+    #: The client's headers not carried over: its conditions, its cache
+    #: directives and its wish to be held.
+    DROPPED = ("If-None-Match", "If-Modified-Since", "Cache-Control", "Pragma", "Prefer")
+
+    def __init__(self, of: Exchange) -> None:
+        headers = CIMultiDict(of.headers)
+        for name in self.DROPPED:
+            headers.popall(name, None)
+        self.headers = CIMultiDictProxy(headers)
+        self.method = "GET"
+        self.version = of.version
+        self.remote = of.remote
+        self.scheme = of.scheme
+        self.kind = of.kind
+        self.status = 0
+        self.started = False
+
+    def body(self, limit: int, idle: float) -> AsyncIterator[bytes] | None:
+        return None
+
+    async def respond(
+        self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
+    ) -> None:
+        self.status = status
+
+    async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        self.status = status
+
+    async def write(self, chunk: bytes) -> None:
+        pass
+
+    async def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 class PassthroughResponse(web.StreamResponse):

@@ -236,11 +236,13 @@ class _CacheCollector(Collector):
         cache = self._cache
         yield _labelled_counter(
             "sidecar_cache_requests_total",
-            "Enrich GETs with the response cache on, by result and reason: hit (fresh, "
-            "collapsed: waited for another request's answer), miss (absent, expired, content: "
+            "Enrich GETs with the response cache on, by result and reason: hit (fresh, stale: "
+            "served while revalidated in the background, collapsed: waited for another "
+            "request's answer), miss (absent, expired, content: "
             "a content event or a write since, stream: not live throughout, vary), bypass "
             "(not_live, no_cache: the client asked, unauthorised), revalidated (not_modified, "
-            "modified: the upstream's answer to the entry's validator).",
+            "modified: the upstream's answer to the entry's validator), background (the "
+            "sidecar's own revalidations: not_modified, refreshed, not_stored, failed).",
             ("result", "reason"),
             cache.counts,
         )

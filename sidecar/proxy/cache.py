@@ -21,6 +21,14 @@ with the current snapshot, as long as:
   ``must-revalidate`` or ``proxy-revalidate``, fresh by the upstream's own
   lifetime (else the upstream validates it: a conditional request).
 
+An entry valid by the events but older than ``cache_max_age`` (by less than
+``cache_stale_while_revalidate``) is served at once, and asked for again in
+the background, once (RFC 5861's stale-while-revalidate): the expiry only
+bounds changes made without an event, and no poller waits for it. The
+revalidation is a request of the sidecar's own (``Detached``), with the
+credentials of the client that found the entry stale, and its result is
+counted on its own (``background``).
+
 The baseline (version, connection) is taken *before* the upstream is asked,
 so an event that arrives while the answer is on its way makes that answer
 unusable at once. Misses for one target that share a baseline wait for one
@@ -38,8 +46,10 @@ answer is kept, what ``Cache-Status`` says), called by the enrich pipeline
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +61,7 @@ from ..http.client import UpstreamResponse
 from ..http.codings import encode_body
 from ..http.errors import UpstreamError
 from ..http.etags import etag_digests, merged_etag
-from ..http.exchange import Exchange
+from ..http.exchange import Detached, Exchange
 from ..http.headers import append_via, relayable_reason
 from ..state.conversation import Conversation
 from ..state.registry import Registry
@@ -60,6 +70,8 @@ from . import cache_policy
 from .counts import Counts
 
 __all__ = ["Baseline", "Cache", "Entry", "Fill", "Merged", "ResponseCache"]
+
+log = logging.getLogger("sidecar.proxy")
 
 #: (request target, credentials fingerprint, the headers of
 #: sidecar.proxy.cache_policy.KEY_HEADERS): see cache_policy.key.
@@ -107,15 +119,23 @@ class Entry:
     merged_for: Snapshot | None = None
     merged: bytes = b""
     size: int = field(default=0)
+    #: The upstream is being asked for it again in the background.
+    revalidating: bool = False
 
 
 class ResponseCache:
     """Entries by key, least recently used first, within ``max_bytes``."""
 
     def __init__(
-        self, max_age: float, max_bytes: int, in_key: frozenset[str] = frozenset()
+        self,
+        max_age: float,
+        max_bytes: int,
+        in_key: frozenset[str] = frozenset(),
+        stale: float = 0.0,
     ) -> None:
         self.max_age = max_age
+        #: Seconds past max_age an entry is served while it is revalidated.
+        self.stale = stale
         self.max_bytes = max_bytes
         #: Request headers (lower case) its keys hold (sidecar.proxy.cache_policy.key).
         self.in_key = in_key
@@ -124,8 +144,10 @@ class ResponseCache:
         #: Upstream answers being fetched, by key: later misses with the same
         #: baseline wait for them.
         self._pending: dict[Key, tuple[Baseline, asyncio.Future[Entry | None]]] = {}
-        #: Answers by (result, reason): hit (fresh, collapsed, revalidated),
-        #: miss (absent, expired, content, stream, vary), bypass (why).
+        #: Answers by (result, reason): hit (fresh, stale, collapsed), miss
+        #: (absent, expired, content, stream, vary), bypass (why),
+        #: revalidated (not_modified, modified), and background revalidations
+        #: (background: not_modified, refreshed, not_stored, failed).
         self.counts: Counter[tuple[str, str]] = Counter()
 
     def __len__(self) -> int:
@@ -242,7 +264,18 @@ class Fill:
     """An enrich GET the cache could not answer: why, and how its answer may
     be kept (taken before the upstream is asked)."""
 
-    __slots__ = ("baseline", "cache", "detail", "entry", "future", "fwd", "key", "store", "stored")
+    __slots__ = (
+        "background",
+        "baseline",
+        "cache",
+        "detail",
+        "entry",
+        "future",
+        "fwd",
+        "key",
+        "store",
+        "stored",
+    )
 
     def __init__(
         self,
@@ -264,6 +297,8 @@ class Fill:
         self.entry = entry
         self.future: asyncio.Future[Entry | None] | None = None
         self.stored: Entry | None = None
+        #: A revalidation of the sidecar's own: no client waits for its answer.
+        self.background = False
 
     def validator(self, client_tag: bool) -> str | None:
         """The entry's validator to ask the upstream with (when the client
@@ -334,6 +369,12 @@ class Cache:
         self.registry = registry
         self.counts = counts
         self.via = via
+        #: How a stale entry is asked for again in the background (set by the
+        #: enrich pipeline, which asks the upstream), and those running.
+        self.revalidator: Callable[[Exchange, str, Conversation, Fill], Awaitable[None]] | None = (
+            None
+        )
+        self._background: set[asyncio.Task[None]] = set()
 
     def count(self, result: str, reason: str) -> None:
         self.store.counts[(result, reason)] += 1
@@ -411,6 +452,12 @@ class Cache:
             cache.counts[("hit", "fresh")] += 1
             await self.serve(exchange, conv, entry, self._hit_status(entry))
             return None
+        if why == "expired" and entry is not None and self._stale_servable(entry, asked):
+            cache.counts[("hit", "stale")] += 1
+            if store and not entry.revalidating:
+                self._revalidate(exchange, target, conv, key, baseline, entry)
+            await self.serve(exchange, conv, entry, self._stale_status(entry))
+            return None
         pending = cache.pending(key, baseline)
         if pending is not None:
             # Another request asks the upstream for this answer now, under
@@ -432,6 +479,59 @@ class Cache:
         if store:
             fill.future = cache.fetching(key, baseline)
         return fill
+
+    def _stale_servable(self, entry: Entry, asked: cache_policy.Asked) -> bool:
+        """An entry expired by ``cache_max_age`` alone (still valid by the
+        events) that may be served while it is revalidated: within the
+        bound, not bound by the upstream's own lifetime, and no older than
+        the client's ``max-age``."""
+        cache = self.store
+        age = cache.age(entry)
+        if cache.stale <= 0 or age >= cache.max_age + cache.stale:
+            return False
+        current = cache.current_age(entry, age)
+        if entry.strict and current >= (entry.lifetime or 0.0):
+            return False
+        return asked.max_age is None or current <= asked.max_age
+
+    def _revalidate(
+        self,
+        exchange: Exchange,
+        target: str,
+        conv: Conversation,
+        key: Key,
+        baseline: Baseline,
+        entry: Entry,
+    ) -> None:
+        """Ask the upstream for ``entry`` again, in the background, once."""
+        if self.revalidator is None:
+            return
+        entry.revalidating = True
+        fill = Fill(self.store, key, baseline, "stale", "background", True, entry)
+        fill.background = True
+        fill.future = self.store.fetching(key, baseline)
+        task = asyncio.ensure_future(self.revalidator(Detached(exchange), target, conv, fill))
+        self._background.add(task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            self._background.discard(done)
+            entry.revalidating = False
+            fill.done()
+            error = None if done.cancelled() else done.exception()
+            if error is not None:
+                self.count("background", "failed")
+                log.warning(
+                    "background revalidation failed",
+                    extra={"resource": conv.id},
+                    exc_info=(type(error), error, error.__traceback__),
+                )
+
+        task.add_done_callback(finished)
+
+    def close(self) -> None:
+        """Background revalidations end with the process."""
+        for task in list(self._background):
+            task.cancel()
 
     async def _uncached(
         self,
@@ -462,9 +562,12 @@ class Cache:
         entry, baseline = fill.entry, fill.baseline
         assert entry is not None and baseline is not None
         upstream.release()
-        self.count("revalidated", "not_modified")
         self.store.refreshed(entry, baseline)
         fill.entry = None
+        if fill.background:
+            fill.stored = entry
+            return True  # no client waits: the entry is fresh again
+        self.count("revalidated", "not_modified")
         # Validated by the upstream just now: fresh for this request.
         if self.unusable(entry, self.baseline(conv), exchange, validated=True) is not None:
             return False  # an event came meanwhile
@@ -505,6 +608,11 @@ class Cache:
     def _hit_status(self, entry: Entry) -> str:
         ttl = max(0, int(self.store.max_age - self.store.age(entry)))
         return f"sidecar; hit; ttl={ttl}"
+
+    def _stale_status(self, entry: Entry) -> str:
+        # RFC 9211: a stale answer's ttl is negative.
+        ttl = int(self.store.max_age - self.store.age(entry))
+        return f"sidecar; hit; ttl={min(ttl, -1)}; detail=stale-while-revalidate"
 
 
 def _joined(headers: Any, name: str) -> str | None:

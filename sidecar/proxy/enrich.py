@@ -135,6 +135,8 @@ class Enrich:
         self.longpoll = longpoll
         self.merger = merger
         self.cache = cache
+        if cache is not None:
+            cache.revalidator = self._revalidate
 
     async def enrich(self, exchange: Exchange, target: str, resource_id: str) -> None:
         client = self.profile.credentials.of(exchange.headers, target)
@@ -152,6 +154,30 @@ class Enrich:
         finally:
             if fill is not None:
                 fill.done()
+
+    async def _revalidate(
+        self, exchange: Exchange, target: str, conv: Conversation, fill: Fill
+    ) -> None:
+        """A stale entry asked for again with no client waiting (``exchange``
+        is ``Detached``): steps 3 and 4, whose answer only the cache keeps."""
+        assert self.cache is not None
+        entry = fill.entry
+        client = self.profile.credentials.of(exchange.headers, target)
+        try:
+            await self._ask(exchange, target, conv.id, conv, client, fill)
+        except UpstreamError as exc:
+            self.cache.count("background", "failed")
+            log.info(
+                "background revalidation failed",
+                extra={"resource": conv.id, "status": exc.status, "why": exc.message},
+            )
+            return
+        if fill.stored is None:
+            # Refused, an error, or not storable: the entry ages out as it is.
+            reason = "not_stored"
+        else:
+            reason = "not_modified" if fill.stored is entry else "refreshed"
+        self.cache.count("background", reason)
 
     async def _ask(
         self,
@@ -177,7 +203,7 @@ class Enrich:
             await self.registry.fetched(conv, shared)
         epoch = asked.epoch if asked.epoch is not None else conv.epoch
         if upstream.status != 304:
-            if asked.revalidating:
+            if asked.revalidating and fill is not None and not fill.background:
                 assert self.cache is not None
                 self.cache.count("revalidated", "modified")
             await self.merger.merge(exchange, upstream, conv, epoch, fill)

@@ -90,7 +90,12 @@ class Proxy:
             h.lower() for h in (*cache_policy.KEY_HEADERS, *profile.credentials.headers)
         )
         self.cache = (
-            ResponseCache(settings.cache_max_age, settings.cache_max_bytes, in_key)
+            ResponseCache(
+                settings.cache_max_age,
+                settings.cache_max_bytes,
+                in_key,
+                stale=settings.cache_stale_while_revalidate,
+            )
             if settings.cache == "events"
             else None
         )
@@ -130,6 +135,8 @@ class Proxy:
         return self.relay.large_answers
 
     def close(self) -> None:
+        if self.enrich.cache is not None:
+            self.enrich.cache.close()
         self.upstream.close()
 
     def begin_shutdown(self) -> None:

@@ -26,5 +26,6 @@ class ProxySettings:
     max_held: int
     cache: str
     cache_max_age: float
+    cache_stale_while_revalidate: float
     cache_max_bytes: int
     list_observe: int

@@ -18,6 +18,8 @@ from ..conftest import eventually
 
 CACHE = {"cache": "events", "admin_token": "adm"}
 ADMIN = {"Authorization": "Bearer adm"}
+#: An expired entry is asked for while the poller waits (no stale-while-revalidate).
+NO_STALE = {"cache_stale_while_revalidate": 0}
 
 
 def upstream_gets(g: Any, cid: str) -> int:
@@ -70,7 +72,7 @@ async def test_polls_are_answered_from_the_cache_while_nothing_changes(gptme) ->
 
 
 async def test_an_answer_older_than_cache_max_age_is_asked_again(gptme) -> None:
-    g = await gptme(sidecar_options={**CACHE, "cache_max_age": 0.3})
+    g = await gptme(sidecar_options={**CACHE, **NO_STALE, "cache_max_age": 0.3})
     await g.create("c1")
     await cached(g, "c1")
     g.fake.conversations["c1"].log.append({"role": "user", "content": "unannounced"})
@@ -198,7 +200,7 @@ async def test_no_cache_from_the_client_asks_the_upstream(gptme) -> None:
 
 
 async def test_concurrent_misses_ask_the_upstream_once(gptme) -> None:
-    g = await gptme(sidecar_options={**CACHE, "cache_max_age": 0.2}, get_delay=0.1)
+    g = await gptme(sidecar_options={**CACHE, **NO_STALE, "cache_max_age": 0.2}, get_delay=0.1)
     await g.create("c1")
     await cached(g, "c1")
     await asyncio.sleep(0.25)
@@ -225,7 +227,7 @@ async def test_credentials_are_cached_apart_and_a_refused_client_gets_nothing(gp
 
 
 async def test_an_expired_answer_is_revalidated_with_the_upstreams_etag(gptme) -> None:
-    g = await gptme("0.35.1", sidecar_options={**CACHE, "cache_max_age": 0.2})
+    g = await gptme("0.35.1", sidecar_options={**CACHE, **NO_STALE, "cache_max_age": 0.2})
     await g.create("c1")
     await cached(g, "c1")
     await asyncio.sleep(0.25)
@@ -313,3 +315,119 @@ async def test_an_answer_the_upstream_marks_personal_is_not_kept(
         async with http.get(url) as resp:
             assert "stored" not in resp.headers["Cache-Status"]
             assert "hit" not in resp.headers["Cache-Status"]
+
+
+# ------------------------------------------- stale-while-revalidate (RFC 5861)
+
+
+async def cache_count(g: Any, result: str, reason: str) -> float:
+    async with g.http.get(g.url("/_sidecar/metrics"), headers=ADMIN) as metrics:
+        text = await metrics.text()
+    line = f'sidecar_cache_requests_total{{reason="{reason}",result="{result}"}} '
+    found = [row for row in text.splitlines() if row.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+async def counted(g: Any, result: str, reason: str, timeout: float = 5.0) -> None:
+    """Wait, bounded, until the cache has counted one of (result, reason)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while await cache_count(g, result, reason) < 1:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no {result}/{reason} counted within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def test_an_expired_answer_valid_by_the_events_is_served_at_once_and_asked_again_behind(
+    gptme,
+) -> None:
+    g = await gptme(sidecar_options={**CACHE, "cache_max_age": 0.3}, get_delay=0.3)
+    await g.create("c1")
+    await cached(g, "c1")
+    g.fake.conversations["c1"].log.append({"role": "user", "content": "unannounced"})
+    await asyncio.sleep(0.35)
+    before = upstream_gets(g, "c1")
+    # Twenty pollers find it expired while the upstream takes 0.3 s a GET:
+    # each is answered from the cache, none waits, and the upstream is asked once.
+    answers = await asyncio.gather(*(fetch(g, "c1") for _ in range(20)))
+    for resp, body in answers:
+        status = resp.headers["Cache-Status"]
+        assert status.startswith("sidecar; hit; ttl=-") and "stale-while-revalidate" in status
+        assert [m["content"] for m in body["log"]] == ["hello"]
+        assert body["session"]["stream"] == "live"
+    assert await cache_count(g, "background", "refreshed") == 0  # still on its way
+    assert await cache_count(g, "hit", "stale") == 20
+    await eventually(lambda: upstream_gets(g, "c1") == before + 1)
+    await counted(g, "background", "refreshed")
+    # Refreshed behind the pollers' backs: the next poll is a fresh hit with
+    # the change, and the upstream was asked once for all of them.
+    resp, body = await fetch(g, "c1")
+    assert resp.headers["Cache-Status"].startswith("sidecar; hit; ttl=")
+    assert "stale-while-revalidate" not in resp.headers["Cache-Status"]
+    assert body["log"][-1]["content"] == "unannounced"
+    assert upstream_gets(g, "c1") == before + 1
+
+
+async def test_a_background_revalidation_with_the_upstreams_tag_refreshes_the_entry(gptme) -> None:
+    g = await gptme("0.35.1", sidecar_options={**CACHE, "cache_max_age": 0.2})
+    await g.create("c1")
+    await cached(g, "c1")
+    await asyncio.sleep(0.25)
+    resp, _ = await fetch(g, "c1")
+    assert "stale-while-revalidate" in resp.headers["Cache-Status"]
+    await counted(g, "background", "not_modified")
+    # A 304 to the entry's own tag: fresh again, and no client was counted
+    # as revalidated (the conditional request was the sidecar's alone).
+    assert await cache_count(g, "revalidated", "not_modified") == 0
+    resp, _ = await fetch(g, "c1")
+    assert resp.headers["Cache-Status"].startswith("sidecar; hit; ttl=")
+    assert "stale-while-revalidate" not in resp.headers["Cache-Status"]
+
+
+async def test_past_the_stale_bound_the_poller_waits_for_the_upstream(gptme) -> None:
+    options = {**CACHE, "cache_max_age": 0.2, "cache_stale_while_revalidate": 0.2}
+    g = await gptme(sidecar_options=options)
+    await g.create("c1")
+    await cached(g, "c1")
+    g.fake.conversations["c1"].log.append({"role": "user", "content": "unannounced"})
+    await asyncio.sleep(0.45)
+    resp, body = await fetch(g, "c1")
+    assert "detail=expired" in resp.headers["Cache-Status"]
+    assert body["log"][-1]["content"] == "unannounced"
+
+
+async def test_no_stale_answer_after_a_content_event_nor_for_a_younger_max_age(gptme) -> None:
+    g = await gptme(sidecar_options={**CACHE, "cache_max_age": 0.2})
+    await g.create("c1")
+    await cached(g, "c1")
+    await asyncio.sleep(0.25)
+    # The client wants an answer no older than 0 s... (max-age=0 is no-cache)
+    resp, _ = await fetch(g, "c1", **{"Cache-Control": "max-age=0"})
+    assert "fwd=request" in resp.headers["Cache-Status"]
+    await asyncio.sleep(0.25)
+    # ...or a content event came: the events say the body changed, so a
+    # stale answer is never served, however young.
+    async with g.http.post(
+        g.url("/api/v2/conversations/c1"),
+        json={"role": "user", "content": "announced"},
+        headers=g.headers,
+    ) as posted:
+        assert posted.status == 200, await posted.text()
+    resp, body = await fetch(g, "c1")
+    assert "detail=content" in resp.headers["Cache-Status"]
+    assert body["log"][-1]["content"] == "announced"
+
+
+async def test_a_background_revalidation_refused_by_the_upstream_serves_that_client_no_more(
+    gptme,
+) -> None:
+    g = await gptme("0.35.1", token="s3cret", sidecar_options={**CACHE, "cache_max_age": 0.2})
+    g.headers = {"Authorization": "Bearer s3cret"}
+    await g.create("c1")
+    await cached(g, "c1")
+    await asyncio.sleep(0.25)
+    g.fake.token = "rotated"  # the upstream no longer accepts it
+    resp, _ = await fetch(g, "c1")
+    assert "stale-while-revalidate" in resp.headers["Cache-Status"]
+    await counted(g, "background", "not_stored")
+    async with g.http.get(g.url("/api/v2/conversations/c1"), headers=g.headers) as refused:
+        assert refused.status == 401

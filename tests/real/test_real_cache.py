@@ -174,7 +174,11 @@ async def test_an_expired_answer_is_revalidated_where_the_upstream_has_a_tag(
     """0.35.1 tags its answers: an expired one is asked for with its tag, and
     the 304 refreshes it. 0.31.0 has no tag: the answer is asked for whole."""
     sidecar = await start_sidecar(
-        gptme.upstream.url, cache="events", cache_max_age=0.3, admin_token="adm"
+        gptme.upstream.url,
+        cache="events",
+        cache_max_age=0.3,
+        cache_stale_while_revalidate=0,
+        admin_token="adm",
     )
     short = Gptme(gptme.upstream, sidecar, gptme.http)
     cid = seeded(gptme)
@@ -190,3 +194,42 @@ async def test_an_expired_answer_is_revalidated_where_the_upstream_has_a_tag(
         text = await resp.text()
     revalidated = 'sidecar_cache_requests_total{reason="not_modified",result="revalidated"} 1.0'
     assert (revalidated in text) is short.modern, text
+
+
+async def test_an_expired_answer_is_served_at_once_and_refreshed_behind_the_poller(
+    gptme: Cached, start_sidecar: Any
+) -> None:
+    """Past ``cache_max_age``, an answer still valid by the events is served
+    at once (stale-while-revalidate) and asked for again in the background:
+    0.35.1 confirms it with a 304 to its own tag, 0.31.0 sends it whole. A
+    change gptme made without an event is seen once that refresh is in."""
+    sidecar = await start_sidecar(
+        gptme.upstream.url, cache="events", cache_max_age=0.3, admin_token="adm"
+    )
+    short = Gptme(gptme.upstream, sidecar, gptme.http)
+    cid = seeded(gptme)
+    await cached(short, cid)
+    await asyncio.sleep(0.35)
+    answer = None
+    while answer is None:
+        answer = await poll(short, cid)
+    assert answer[0].startswith("sidecar; hit; ttl=-"), answer[0]
+    assert "detail=stale-while-revalidate" in answer[0]
+    assert len(answer[1]) == len(MESSAGES)
+    reason = "not_modified" if short.modern else "refreshed"
+    line = f'sidecar_cache_requests_total{{reason="{reason}",result="background"}} 1.0'
+    auth = {"Authorization": "Bearer adm"}
+
+    async def counted() -> bool:
+        async with gptme.http.get(sidecar.url + "/_sidecar/metrics", headers=auth) as resp:
+            return line in await resp.text()
+
+    deadline = time.monotonic() + 10
+    while not await counted():
+        assert time.monotonic() < deadline, f"no {line} within 10 s"
+        await asyncio.sleep(0.05)
+    answer = None
+    while answer is None:
+        answer = await poll(short, cid)
+    assert answer[0].startswith("sidecar; hit; ttl="), answer[0]
+    assert "stale" not in answer[0]
