@@ -60,6 +60,7 @@ test: lint types contract unit
 # released gptme-server 0.31.0 (installed as for the conformance suite).
 bench: $(STAMP) redis upstreams
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/hits.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/gptme.py
 	$(BIN)/python bench/lists.py

@@ -116,6 +116,7 @@ class Server:
             header_timeout=settings.header_timeout,
             max_connections=settings.max_connections,
             serve_gets=settings.front_door,
+            answer_now=proxy.answer_now,
         )
         shared = settings.workers > 1
         listening = await self.front.listen(settings.host, settings.port, reuse_port=shared)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import HttpVersion, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -43,6 +43,11 @@ class Exchange(Protocol):
     scheme: str
     kind: str
     status: int
+    #: What the proxy found from the request's head alone (its route, its
+    #: credentials' fingerprint, its cache key), by name: pure functions of
+    #: the head's bytes, so the front door shares them between requests
+    #: whose heads are the same bytes.
+    derived: dict[str, Any]
 
     @property
     def headers(self) -> CIMultiDictProxy[str]: ...
@@ -81,6 +86,7 @@ class Detached:
         self.kind = of.kind
         self.status = 0
         self.started = False
+        self.derived: dict[str, Any] = {}
 
     def body(self, limit: int, idle: float) -> AsyncIterator[bytes] | None:
         return None
@@ -136,6 +142,7 @@ class WebExchange:
         self.scheme = request.scheme
         self.kind = "pass"
         self.status = 0
+        self.derived: dict[str, Any] = {}
         self.response: web.StreamResponse | None = None
 
     @property

@@ -19,6 +19,14 @@ first such request the connection is handed over, with the bytes read so far,
 to a new aiohttp request handler, and it stays there. aiohttp then answers
 exactly as it would have alone, malformed requests included.
 
+What the proxy can answer with no wait at all (a fresh cache hit: the
+proxy's ``answer_now``) is answered in the callback that read it, with no
+task of its own, in one write; everything else runs in a task per request.
+A head is parsed once: the same bytes again (a poller's next GET) are read
+as they were the first time, from a memo bounded in bytes
+(``KNOWN_HEADS_BYTES``), which also keeps what the proxy derived from the
+head alone (its route, its credentials' fingerprint, its cache key).
+
 Requests on one connection are answered in order, one at a time: pipelined
 heads wait in the buffer, and reading pauses once it holds more than
 ``MAX_BUFFERED`` bytes. A client that leaves cancels its request (aiohttp's
@@ -40,7 +48,7 @@ import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from aiohttp import HttpVersion11
@@ -50,16 +58,29 @@ from yarl import URL
 from .errors import error_body
 from .exchange import Exchange
 
-__all__ = ["Front", "ServeGet", "log_access"]
+__all__ = ["AnswerNow", "Front", "ServeGet", "http_date", "log_access", "render_head"]
 
 #: Serves one bodyless GET: ``(exchange, target, path)``.
 ServeGet = Callable[[Exchange, str, str], Awaitable[None]]
+#: The whole answer to a bodyless GET if the proxy can make it at once
+#: (its status, its head as :func:`render_head` makes it, its body), else
+#: None: ``(exchange, target, path)``.
+AnswerNow = Callable[[Exchange, str, str], "tuple[int, bytes, bytes] | None"]
 
 log = logging.getLogger("sidecar.front")
 
 MAX_HEAD = 8192
 MAX_HEADERS = 128  # aiohttp's limit; a request with more is handed over, and refused
 MAX_BUFFERED = 64 * 1024
+#: Request heads remembered as parsed (a poller sends the same head each
+#: time), oldest out: at most this many bytes, counted as KNOWN_HEAD_COST
+#: per byte of a head (its bytes, its target, its headers) plus
+#: KNOWN_HEAD_OVERHEAD (the objects that hold them, and what the proxy
+#: derives); a head over KNOWN_HEAD_MAX bytes is parsed each time.
+KNOWN_HEADS_BYTES = 1024 * 1024
+KNOWN_HEAD_MAX = 2048
+KNOWN_HEAD_COST = 3
+KNOWN_HEAD_OVERHEAD = 1500
 _SWEEP_INTERVAL = 10.0
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})
@@ -116,11 +137,15 @@ class Front:
         header_timeout: float = 60.0,
         max_connections: int = 10000,
         serve_gets: bool = True,
+        answer_now: AnswerNow | None = None,
     ) -> None:
         """``hand_over`` makes aiohttp's protocol for a connection the front
         does not serve; a GET whose path ``aiohttp_path`` accepts is aiohttp's
-        too; a connection idle for ``keepalive_timeout`` seconds is closed."""
+        too; a connection idle for ``keepalive_timeout`` seconds is closed.
+        ``answer_now`` answers what needs no wait (a cache hit) without a
+        task of its own; the rest goes to ``serve_get``."""
         self.serve_get = serve_get
+        self.answer_now = answer_now
         self.hand_over = hand_over
         self.access_log = access_log
         self.aiohttp_path = aiohttp_path
@@ -132,6 +157,9 @@ class Front:
         self.serve_gets = serve_gets
         self._sweep_every = min(_SWEEP_INTERVAL, keepalive_timeout / 2, header_timeout / 2)
         self.connections: set[_Connection] = set()
+        #: Heads served before, by their bytes (oldest first), and their cost.
+        self.known: dict[bytes, _Head] = {}
+        self.known_bytes = 0
         #: Connections handed over to aiohttp and still open.
         self.handed_over: set[_HandedOver] = set()
         self.closing = False
@@ -200,6 +228,17 @@ class Front:
                 await asyncio.gather(*tasks, return_exceptions=True)
         # Not Server.wait_closed(): it would also wait for the connections
         # handed over to aiohttp, which aiohttp's own shutdown drains.
+
+    def remember(self, head: bytes, known: _Head) -> None:
+        """Keep a head as read, within KNOWN_HEADS_BYTES (oldest out)."""
+        if len(head) > KNOWN_HEAD_MAX:
+            return
+        self.known[head] = known
+        self.known_bytes += len(head) * KNOWN_HEAD_COST + KNOWN_HEAD_OVERHEAD
+        while self.known_bytes > KNOWN_HEADS_BYTES:
+            oldest = next(iter(self.known))
+            del self.known[oldest]
+            self.known_bytes -= len(oldest) * KNOWN_HEAD_COST + KNOWN_HEAD_OVERHEAD
 
     def _forget(self, conn: _Connection) -> None:
         self.connections.discard(conn)
@@ -308,39 +347,72 @@ class _Connection(asyncio.Protocol):
 
     # -------------------------------------------------------------- requests
     def _next(self) -> None:
-        """Start the next buffered request once its head is whole."""
+        """Serve the buffered requests whose heads are whole: at once while
+        they can be answered at once, then the next one in a task."""
+        while self._start():
+            pass
+
+    def _start(self) -> bool:
+        """Start the next buffered request once its head is whole. True: it
+        was answered at once (and the next may be started)."""
         buf = self.buffer
         if not buf or self.lost:
-            return
+            return False
         if self.front.closing:
             self.close()
-            return
+            return False
         if not self.front.serve_gets:
             self._hand_over()
-            return
+            return False
         if not buf.startswith(b"GET /"):
             if len(buf) >= 5 or not b"GET /".startswith(buf):
                 self._hand_over()
-            return
+            return False
         end = buf.find(b"\r\n\r\n", 0, MAX_HEAD)
         if end < 0:
             if len(buf) >= MAX_HEAD or b"\n\n" in buf:
                 self._hand_over()
-            return
+            return False
         head = buf[: end + 4]
-        target = self._parse(head)
-        if target is None:
-            self._hand_over()
-            return
-        path = target.partition("?")[0]
-        if self.front.aiohttp_path(path):
-            self._hand_over()
-            return
+        front = self.front
+        known = front.known.get(head)
+        if known is None:
+            target = self._parse(head)
+            if target is None:
+                self._hand_over()
+                return False
+            path = target.partition("?")[0]
+            if front.aiohttp_path(path):
+                self._hand_over()
+                return False
+            headers = CIMultiDictProxy(CIMultiDict(self._headers))
+            known = _Head(target, path, headers, self._keep_alive)
+            front.remember(head, known)
+        target, path = known.target, known.path
         self.buffer = buf[end + 4 :]
         self.head_since = None
-        headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        exchange = _Exchange(self, headers, self._keep_alive)
+        exchange = _Exchange(self, known.headers, known.keep_alive)
+        exchange.derived = known.derived
+        if self.front.answer_now is not None and not self.writing_paused:
+            if self._answered_now(exchange, target, path):
+                return self._done(exchange)
         self.task = self.loop.create_task(self._serve(exchange, target, path))
+        return False
+
+    def _answered_now(self, exchange: _Exchange, target: str, path: str) -> bool:
+        """Answer at once if the proxy can (see ``Front.answer_now``)."""
+        assert self.front.answer_now is not None
+        started = time.perf_counter() if self.front.access_log is not None else 0.0
+        try:
+            answer = self.front.answer_now(exchange, target, path)
+        except Exception:  # a bug: the request is served the usual way, which answers it
+            log.exception("answering at once failed in the front door", extra={"path": path})
+            return False
+        if answer is None:
+            return False
+        exchange.respond_now(*answer)
+        self._logged(exchange, path, started)
+        return True
 
     def _parse(self, head: bytes) -> str | None:
         """The head's target if the front serves it: one bodyless HTTP/1.1 GET."""
@@ -406,6 +478,13 @@ class _Connection(asyncio.Protocol):
             self.task = None
             self.abort()
             return
+        self._logged(exchange, path, started)
+        self.task = None
+        if self._done(exchange):
+            self._next()
+
+    def _logged(self, exchange: _Exchange, path: str, started: float) -> None:
+        access_log = self.front.access_log
         if access_log is not None:
             log_access(
                 access_log,
@@ -416,19 +495,21 @@ class _Connection(asyncio.Protocol):
                 exchange.sent,
                 self.remote,
             )
-        self.task = None
+
+    def _done(self, exchange: _Exchange) -> bool:
+        """A request was answered: True if the next may be started."""
         self.last_active = self.loop.time()
         if self.lost:
-            return
+            return False
         if not exchange.complete or not exchange.keep_alive:
             self.close()
-            return
+            return False
         if self.reading_paused:
             self.reading_paused = False
             self._transport.resume_reading()
         if self.buffer:
             self.head_since = self.last_active  # the next head began arriving
-        self._next()
+        return True
 
     def _hand_over(self) -> None:
         """Give the connection, and what it sent so far, to aiohttp's server.
@@ -519,9 +600,27 @@ def _error_answer(status: int, message: str) -> bytes:
     head = (
         f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"Date: {_http_date()}\r\nConnection: close\r\n\r\n"
+        f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+class _Head:
+    """A request head the front door serves, as read: the same bytes are
+    read the same way, so a head sent again is not parsed again (its
+    headers are read-only, and ``derived`` holds what the proxy found from
+    them alone: see ``Exchange.derived``)."""
+
+    __slots__ = ("derived", "headers", "keep_alive", "path", "target")
+
+    def __init__(
+        self, target: str, path: str, headers: CIMultiDictProxy[str], keep_alive: bool
+    ) -> None:
+        self.target = target
+        self.path = path
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.derived: dict[str, Any] = {}
 
 
 class _Exchange:
@@ -532,6 +631,7 @@ class _Exchange:
         "_conn",
         "_pending",
         "complete",
+        "derived",
         "headers",
         "keep_alive",
         "kind",
@@ -555,6 +655,7 @@ class _Exchange:
         self.complete = False
         self._chunked = False
         self._pending = b""  # a head that waits to go out with the first body bytes
+        self.derived: dict[str, Any] = {}
 
     @property
     def started(self) -> bool:
@@ -567,19 +668,13 @@ class _Exchange:
         self, status: int, reason: str | None, headers: CIMultiDict[str], extra: str
     ) -> bytes:
         self.status = status
+        return self._end(render_head(status, reason, headers) + extra.encode())
+
+    def _end(self, head: bytes) -> bytes:
+        """A head from :func:`render_head` made whole for this connection."""
         if self._conn.front.closing:
             self.keep_alive = False
-        phrase = reason if reason is not None else _PHRASES.get(status, "")
-        lines = [f"HTTP/1.1 {status} {phrase}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-        if "Date" not in headers:
-            lines.append(f"Date: {_http_date()}\r\n")
-        if extra:
-            lines.append(extra)
-        if not self.keep_alive:
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
+        return head + (b"\r\n" if self.keep_alive else b"Connection: close\r\n\r\n")
 
     async def respond(
         self, status: int, reason: str | None, headers: CIMultiDict[str], body: bytes
@@ -587,6 +682,21 @@ class _Exchange:
         head = self._head(status, reason, headers, "")
         self.sent = len(body)
         await self._send(head, body)
+        self.complete = True
+
+    def respond_now(self, status: int, head: bytes, body: bytes) -> None:
+        """:meth:`respond` for an answer made at once: one write, no wait
+        (the transport buffers what the socket does not take yet; while it
+        is over its high-water mark, the next request is served in a task,
+        which waits for it to drain)."""
+        self.status = status
+        head = self._end(head)
+        self.sent = len(body)
+        transport = self._conn.transport
+        if transport is not None and not self._conn.lost:
+            transport.write(head + body if len(body) <= 65536 else head)
+            if len(body) > 65536:
+                transport.write(body)
         self.complete = True
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
@@ -638,10 +748,23 @@ class _Exchange:
             await conn.drain()
 
 
+def render_head(status: int, reason: str | None, headers: CIMultiDict[str]) -> bytes:
+    """An HTTP/1.1 answer's head as the front door sends it, less its end:
+    the status line and the fields, with ``Date`` unless given. The writer
+    adds ``Connection: close`` where it must, then the blank line. (A head
+    rendered once may be sent again within the second of its ``Date``.)"""
+    phrase = reason if reason is not None else _PHRASES.get(status, "")
+    lines = [f"HTTP/1.1 {status} {phrase}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if "Date" not in headers:
+        lines.append(f"Date: {http_date()}\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
 _date_cache: tuple[int, str] = (0, "")
 
 
-def _http_date() -> str:
+def http_date() -> str:
     """The ``Date`` header's value, formatted once a second."""
     global _date_cache
     now = int(time.time())

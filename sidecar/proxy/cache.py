@@ -62,6 +62,7 @@ from ..http.codings import encode_body
 from ..http.errors import UpstreamError
 from ..http.etags import etag_digests, merged_etag
 from ..http.exchange import Detached, Exchange
+from ..http.front import http_date, render_head
 from ..http.headers import append_via, relayable_reason
 from ..state.conversation import Conversation
 from ..state.registry import Registry
@@ -69,13 +70,17 @@ from ..state.subscription import Subscription
 from . import cache_policy
 from .counts import Counts
 
-__all__ = ["Baseline", "Cache", "Entry", "Fill", "Merged", "ResponseCache"]
+__all__ = ["Answer", "Baseline", "Cache", "Entry", "Fill", "Merged", "Rendered", "ResponseCache"]
 
 log = logging.getLogger("sidecar.proxy")
 
 #: (request target, credentials fingerprint, the headers of
 #: sidecar.proxy.cache_policy.KEY_HEADERS): see cache_policy.key.
 Key = tuple[str, ...]
+#: An answer as it is to be sent: status, reason, headers, body.
+Answer = tuple[int, "str | None", CIMultiDict[str], bytes]
+#: An answer with its head rendered (sidecar.http.front.render_head): status, head, body.
+Rendered = tuple[int, bytes, bytes]
 #: Bytes an entry takes beyond the lengths of its strings and bodies: the
 #: entry, its header multidict and tuples, the objects' headers, its place in
 #: the LRU map (tracemalloc over 10,000 entries, tests/proxy/test_cache_rfc9111.py).
@@ -121,6 +126,12 @@ class Entry:
     size: int = field(default=0)
     #: The upstream is being asked for it again in the background.
     revalidating: bool = False
+    #: The last head rendered for a hit (``Cache._rendered``): for which
+    #: snapshot and what else it says, its ETag's digest, the head.
+    head_for: Snapshot | None = None
+    head_said: tuple[object, ...] = ()
+    head_digest: str = ""
+    head: bytes = b""
 
 
 class ResponseCache:
@@ -193,6 +204,17 @@ class ResponseCache:
             self.bytes += entry.size - old
             self._shrink()
 
+    def rendered(
+        self, entry: Entry, snap: Snapshot, said: tuple[object, ...], digest: str, head: bytes
+    ) -> None:
+        """A hit's head was rendered for ``snap`` and ``said``: keep it."""
+        old = entry.size
+        entry.head_for, entry.head_said, entry.head_digest, entry.head = snap, said, digest, head
+        entry.size = _size(entry)
+        if self._entries.get(entry.key) is entry:
+            self.bytes += entry.size - old
+            self._shrink()
+
     def drop(self, key: Key) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -236,7 +258,7 @@ def _size(entry: Entry) -> int:
     vary = sum(len(n) + len(v or "") + 100 for n, v in entry.vary)
     tags = len(entry.upstream_tag or "") + len(entry.reason or "") + len(entry.encoding)
     prior = sum(len(v) + 60 for v in entry.prior_via)
-    body = len(entry.body) + len(entry.merged)
+    body = len(entry.body) + len(entry.merged) + len(entry.head) + len(entry.head_digest)
     return body + headers + key + vary + tags + prior + ENTRY_OVERHEAD
 
 
@@ -575,15 +597,98 @@ class Cache:
         await self.serve(exchange, conv, entry, fill.status(stored=True))
         return True
 
+    def hit_now(
+        self, exchange: Exchange, target: str, conv: Conversation, fingerprint: str
+    ) -> Rendered | None:
+        """The answer to a request a fresh entry answers as it is, made at
+        once with no wait of any kind (the front door writes it without a
+        task of its own), its head rendered (``sidecar.http.front``); None:
+        :meth:`lookup` decides, as for any request. The same rules as
+        :meth:`lookup`'s first step, and the same counts."""
+        cache = self.store
+        headers = exchange.headers
+        key: Key | None = exchange.derived.get("cache_key")
+        if key is None:
+            if "Cache-Control" in headers or "Pragma" in headers:
+                return None  # the client's directives: lookup reads them
+            key = cache_policy.key(target, fingerprint, headers)
+            if sum(map(len, key)) > cache_policy.MAX_KEY_BYTES:
+                return None
+            exchange.derived["cache_key"] = key
+        entry = cache.get(key)
+        if entry is None or fingerprint not in conv.authorised:
+            return None
+        if self.unusable(entry, self.baseline(conv), exchange) is not None:
+            return None
+        cache.counts[("hit", "fresh")] += 1
+        if "If-None-Match" in headers:  # perhaps a 304
+            status, reason, out, body = self.answer(exchange, conv, entry, self._hit_status(entry))
+            return status, render_head(status, reason, out), body
+        return self._rendered(exchange, conv, entry)
+
+    def _rendered(self, exchange: Exchange, conv: Conversation, entry: Entry) -> Rendered:
+        """A hit's 200, its head rendered once for everything it says: the
+        snapshot and the ETag's digest, the age and ttl (whole seconds), the
+        second of its ``Date`` (when the upstream gave none). Pollers of one
+        conversation within a second share it."""
+        cache = self.store
+        snap, epoch = conv.snapshot, conv.epoch
+        age = cache.age(entry)
+        digest = self.registry.tag_digest(
+            conv, entry.upstream_tag, snap, epoch, entry.upstream_length
+        )
+        said = (
+            digest,
+            int(cache.current_age(entry, age)),
+            int(cache.max_age - age),
+            http_date(),
+            exchange.version,
+        )
+        if entry.head_for is not snap or entry.head_said != said:
+            if entry.merged_for is not snap:
+                merged = merge(entry.body, self.key, snap)
+                cache.remerged(entry, snap, encode_body(merged, entry.encoding))
+            headers, digest = self._headers(exchange, conv, entry, self._hit_status(entry))
+            headers["Content-Length"] = str(len(entry.merged))
+            head = render_head(entry.status, entry.reason, headers)
+            cache.rendered(entry, snap, said, digest, head)
+        conv.remember_served(digest, epoch)
+        self.counts.count_merge("merged")
+        return entry.status, entry.head, entry.merged
+
     async def serve(
         self, exchange: Exchange, conv: Conversation, entry: Entry, cache_status: str
     ) -> None:
         """Answer with a cached body, merged with the snapshot as it is now."""
+        await exchange.respond(*self.answer(exchange, conv, entry, cache_status))
+
+    def answer(
+        self, exchange: Exchange, conv: Conversation, entry: Entry, cache_status: str
+    ) -> Answer:
+        """A cached body merged with the snapshot as it is now (or a 304 if
+        the client holds this very answer), as it is to be sent."""
         snap = conv.snapshot
         if entry.merged_for is not snap:
             merged = merge(entry.body, self.key, snap)
             self.store.remerged(entry, snap, encode_body(merged, entry.encoding))
         out = entry.merged
+        headers, digest = self._headers(exchange, conv, entry, cache_status)
+        conv.remember_served(digest, conv.epoch)
+        self.counts.count_merge("merged")
+        inm = exchange.headers.get("If-None-Match")
+        if inm is not None and digest in etag_digests(inm):
+            # The client has this very answer: no content event, no write and
+            # no change of the snapshot since it was served.
+            headers.popall("Content-Length", None)
+            return 304, None, headers, b""
+        headers["Content-Length"] = str(len(out))
+        return entry.status, entry.reason, headers, out
+
+    def _headers(
+        self, exchange: Exchange, conv: Conversation, entry: Entry, cache_status: str
+    ) -> tuple[CIMultiDict[str], str]:
+        """A cached answer's headers as they are now, and its ETag's digest."""
+        snap = conv.snapshot
         headers = entry.headers.copy()
         headers["Via"] = append_via(entry.prior_via, exchange.version, self.via)
         epoch = conv.epoch
@@ -593,17 +698,7 @@ class Cache:
         headers["ETag"] = merged_etag(entry.upstream_tag, digest)
         headers["Age"] = str(int(self.store.current_age(entry, self.store.age(entry))))
         headers["Cache-Status"] = cache_status
-        conv.remember_served(digest, epoch)
-        self.counts.count_merge("merged")
-        inm = exchange.headers.get("If-None-Match")
-        if inm is not None and digest in etag_digests(inm):
-            # The client has this very answer: no content event, no write and
-            # no change of the snapshot since it was served.
-            headers.popall("Content-Length", None)
-            await exchange.respond(304, None, headers, b"")
-            return
-        headers["Content-Length"] = str(len(out))
-        await exchange.respond(entry.status, entry.reason, headers, out)
+        return headers, digest
 
     def _hit_status(self, entry: Entry) -> str:
         ttl = max(0, int(self.store.max_age - self.store.age(entry)))

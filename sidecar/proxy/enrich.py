@@ -46,7 +46,7 @@ from ..http.headers import is_json, relayable_reason, response_headers
 from ..http.upstream import Upstream, read_at_most
 from ..state.conversation import Conversation
 from ..state.registry import Registry
-from .cache import Cache, Fill, Merged
+from .cache import Cache, Fill, Merged, Rendered
 from .counts import Counts
 from .longpoll import LongPoll
 from .relay import LARGE_ANSWER, Relay
@@ -137,6 +137,21 @@ class Enrich:
         self.cache = cache
         if cache is not None:
             cache.revalidator = self._revalidate
+
+    def answer_now(self, exchange: Exchange, target: str, resource_id: str) -> Rendered | None:
+        """A cache hit's answer, made at once, for a request nothing would
+        hold (no ``Prefer``); None: :meth:`enrich` serves it, as any other."""
+        if self.cache is None or "Prefer" in exchange.headers:
+            return None
+        conv = self.registry.get(resource_id)
+        if conv is None:
+            return None
+        derived = exchange.derived
+        fingerprint = derived.get("fingerprint")
+        if fingerprint is None:
+            client = self.profile.credentials.of(exchange.headers, target)
+            fingerprint = derived["fingerprint"] = client.fingerprint
+        return self.cache.hit_now(exchange, target, conv, fingerprint)
 
     async def enrich(self, exchange: Exchange, target: str, resource_id: str) -> None:
         client = self.profile.credentials.of(exchange.headers, target)

@@ -35,7 +35,7 @@ from ..http.exchange import Exchange, WebExchange, is_websocket
 from ..http.upstream import Upstream
 from ..state.registry import Registry
 from . import cache_policy
-from .cache import Cache, ResponseCache
+from .cache import Cache, Rendered, ResponseCache
 from .counts import Counts
 from .enrich import Enrich, Merger
 from .forward import Forward
@@ -166,6 +166,21 @@ class Proxy:
     def handle_get(self, exchange: Exchange, target: str, path: str) -> Awaitable[None]:
         """Serve a bodyless GET read by the front door (its target is origin-form)."""
         return self.serve(exchange, path, lambda: self._work(exchange, target, path))
+
+    def answer_now(self, exchange: Exchange, target: str, path: str) -> Rendered | None:
+        """The answer to a bodyless GET the proxy can make at once, with no
+        wait of any kind (a fresh cache hit), counted as :meth:`serve`
+        counts it; None: the request is served by :meth:`handle_get`."""
+        route = exchange.derived.get("route")
+        if route is None:
+            route = exchange.derived["route"] = self.profile.route("GET", path)
+        if route.kind != "enrich" or route.resource_id is None:
+            return None
+        answer = self.enrich.answer_now(exchange, target, route.resource_id)
+        if answer is not None:
+            exchange.kind = "enrich"
+            self.counts.count_request("enrich", "GET", answer[0])
+        return answer
 
     def aiohttp_path(self, path: str) -> bool:
         """A GET the front door must leave to aiohttp's server: a trigger

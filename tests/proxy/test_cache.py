@@ -431,3 +431,33 @@ async def test_a_background_revalidation_refused_by_the_upstream_serves_that_cli
     await counted(g, "background", "not_stored")
     async with g.http.get(g.url("/api/v2/conversations/c1"), headers=g.headers) as refused:
         assert refused.status == 401
+
+
+async def test_a_hit_says_what_is_true_now_however_often_its_head_is_reused(gptme) -> None:
+    """A poller sends the same head each time, and a hit's head is rendered
+    once per state and second: its ETag still follows the snapshot, its Age
+    the clock, its body the state."""
+    g = await gptme(sidecar_options=CACHE, outcome=Outcome(kind="error", start_delay=0.3))
+    sid = await g.create("c1")
+    await cached(g, "c1")
+    first, body = await fetch(g, "c1")
+    again, _ = await fetch(g, "c1")
+    assert first.headers["Cache-Status"].startswith("sidecar; hit")
+    assert again.headers["ETag"] == first.headers["ETag"]
+    await g.step("c1", sid)
+    await eventually(lambda: g.sidecar.snapshot("c1").status == "failed")
+    for _ in range(20):  # (the step's write made the entry unusable: stored again)
+        failed, body = await fetch(g, "c1")
+        if failed.headers["Cache-Status"].startswith("sidecar; hit"):
+            break
+    else:
+        raise AssertionError(failed.headers["Cache-Status"])
+    assert body["session"]["status"] == "failed"
+    assert failed.headers["ETag"] != first.headers["ETag"]
+    age = int(failed.headers["Age"])
+    await asyncio.sleep(1.05)
+    later, body = await fetch(g, "c1")
+    assert later.headers["Cache-Status"].startswith("sidecar; hit")
+    assert int(later.headers["Age"]) >= age + 1
+    assert later.headers["ETag"] == failed.headers["ETag"]
+    assert body["session"]["status"] == "failed"

@@ -88,7 +88,7 @@ async def test_gptme_0_35_1_takes_a_query_token_and_so_does_the_sidecar(
     started = time.monotonic()
     async with http.get(url, headers={"If-None-Match": tag, "Prefer": "wait=5"}) as resp:
         assert resp.status == 401
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 3.0  # not held its 5 s
     async with http.get(url) as resp:
         assert resp.status == 401
         assert "hit" not in resp.headers.get("Cache-Status", "")
