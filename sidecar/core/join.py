@@ -12,9 +12,11 @@ how the first event is told:
   snapshot, every other field kept as the upstream sent it;
 * ``follow``: events sent right after it, one per resource whose status
   calls for one (opencode's shared ``/event``: a ``session.status`` for each
-  session at work).
+  session at work). In a ``follow`` event, the string ``{id}`` stands for
+  the resource's id, and ``{time_id}`` for a new time-ordered id
+  (:func:`time_id`: opencode's events carry one).
 
-Pure: bytes and snapshots in, bytes out. :func:`first_event_end` finds where
+Pure but for those ids: bytes and snapshots in, bytes out. :func:`first_event_end` finds where
 the first event ends in what has arrived; :func:`tell` rewrites it, or says
 it is not the event to rewrite (None: it passes as it came).
 """
@@ -23,6 +25,9 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,7 +37,7 @@ from .profile import FollowRule, JoinRules, field_value
 from .snapshot import Snapshot
 from .sse import EventDecoder
 
-__all__ = ["first_event_end", "tell"]
+__all__ = ["first_event_end", "tell", "time_id"]
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
@@ -160,9 +165,29 @@ def _follow(
 
 def _fill(template: Any, resource_id: str) -> Any:
     if isinstance(template, str):
-        return template.replace("{id}", resource_id)
+        filled = template.replace("{id}", resource_id)
+        return filled.replace("{time_id}", time_id()) if "{time_id}" in filled else filled
     if isinstance(template, dict):
         return {k: _fill(v, resource_id) for k, v in template.items()}
     if isinstance(template, list):
         return [_fill(v, resource_id) for v in template]
     return template
+
+
+_BASE62 = string.digits + string.ascii_letters
+_last_ms = 0
+_counter = 0
+
+
+def time_id(now: float | None = None) -> str:
+    """A new time-ordered id, in the form opencode gives its events' ``id``
+    (``evt_`` then this): 12 hex digits of the time (milliseconds times 4096,
+    plus a counter within the millisecond, its low 48 bits), then 14 random
+    letters and digits."""
+    global _last_ms, _counter
+    ms = int((time.time() if now is None else now) * 1000)
+    if ms != _last_ms:
+        _last_ms, _counter = ms, 0
+    _counter += 1
+    ordered = (ms * 0x1000 + _counter) & 0xFFFF_FFFF_FFFF
+    return f"{ordered:012x}" + "".join(secrets.choice(_BASE62) for _ in range(14))

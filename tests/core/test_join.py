@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from sidecar.core.join import first_event_end, tell
+from sidecar.core.join import first_event_end, tell, time_id
 from sidecar.core.profile import ProfileError, load_profile, parse_profile
 from sidecar.core.snapshot import Snapshot
 
@@ -129,6 +130,9 @@ def test_opencode_is_followed_by_the_status_of_each_session_at_work() -> None:
     out = tell(OPENCODE.join, OPENCODE.type_field, block, None, known)
     assert out is not None and out.startswith(block)
     events = [json.loads(e[len(b"data: ") :]) for e in out[len(block) :].split(b"\n\n") if e]
+    ids = [e.pop("id") for e in events]
+    assert all(re.fullmatch(r"evt_[0-9a-f]{12}[0-9A-Za-z]{14}", i) for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == 2
     assert events == [
         {"type": "session.status", "properties": {"sessionID": s, "status": {"type": "busy"}}}
         for s in ("ses_a", "ses_c")
@@ -158,3 +162,10 @@ def profile_with(join: str) -> dict:
 def test_a_bad_join_table_is_refused_by_name(join: str, message: str) -> None:
     with pytest.raises(ProfileError, match=message):
         parse_profile(profile_with(join))
+
+
+def test_time_ids_grow_within_a_millisecond_and_across() -> None:
+    same = [time_id(1_700_000_000.0001) for _ in range(3)]
+    later = time_id(1_700_000_000.002)
+    assert [i[:12] for i in same] == sorted({i[:12] for i in same})
+    assert later[:12] > same[-1][:12] and len(later) == 26

@@ -216,6 +216,7 @@ async def test_opencode_streams_are_followed_by_the_busy_sessions(
     async with http.get(sc.url + "/event") as resp:
         connected, status = await first_events(resp, 2)
     assert connected == {"type": "server.connected", "properties": {}}
+    assert status.pop("id").startswith("evt_")
     assert status == {
         "type": "session.status",
         "properties": {"sessionID": busy, "status": {"type": "busy"}},
