@@ -130,6 +130,12 @@ class Origin:
         case = request.query.get("case")
         if case is None:
             await resp.write(b'data: {"type":"generation_started"}\n\n')
+        elif case in ("ends", "cut"):  # half a first event, then the end of the body
+            await resp.write(b'data: {"type":"connected",')
+            if case == "cut":
+                assert request.transport is not None
+                request.transport.close()
+            return resp
         else:
             for delay, chunk in self.CASES[case]:
                 await asyncio.sleep(delay)
@@ -139,8 +145,8 @@ class Origin:
         return resp
 
 
-@pytest.fixture
-async def origin(serve, start_sidecar, tmp_path, http):
+@pytest.fixture(params=[True, False], ids=["front-door", "aiohttp-server"])
+async def origin(request, serve, start_sidecar, tmp_path, http):
     # The gptme profile with a short bound on the first event.
     text = (ROOT / "config" / "gptme.toml").read_text(encoding="utf-8")
     text = text.replace('event = "connected"\n', 'event = "connected"\nmax_seconds = 0.3\n', 1)
@@ -149,7 +155,8 @@ async def origin(serve, start_sidecar, tmp_path, http):
     profile.write_text(text, encoding="utf-8")
     o = Origin()
     server = await serve(o.app)
-    sc = await start_sidecar(str(server.make_url("")).rstrip("/"), profile=str(profile))
+    upstream = str(server.make_url("")).rstrip("/")
+    sc = await start_sidecar(upstream, profile=str(profile), front_door=request.param)
     async with http.get(sc.url + "/api/v2/conversations/c1") as resp:
         assert resp.status == 200
     await eventually(lambda: sc.snapshot("c1").status == "generating")
@@ -196,6 +203,20 @@ async def test_the_bound_does_not_hold_back_what_came(origin, http) -> None:
         took = asyncio.get_running_loop().time() - start
     assert part == b'data: {"type":"connected",'
     assert 0.2 < took < 0.55  # the bound (0.3 s), not the upstream's 0.6 s
+
+
+async def test_a_stream_that_ends_inside_its_first_event_ends_so(origin, http) -> None:
+    url = origin.url + EVENTS.format("c1") + "?case=ends"
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        assert await resp.read() == b'data: {"type":"connected",'
+
+
+async def test_a_stream_cut_inside_its_first_event_is_cut_for_the_client(origin, http) -> None:
+    url = origin.url + EVENTS.format("c1") + "?case=cut"
+    async with http.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()  # not presented as complete
 
 
 async def test_opencode_streams_are_followed_by_the_busy_sessions(
