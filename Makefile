@@ -46,7 +46,8 @@ redis:
 
 # The conformance suite runs against the released servers, installed once
 # into .cache/upstreams (gptme-server 0.31.0 and 0.35.1 from PyPI, opencode
-# 1.18.33 from npm). A failed install stops here, naming the server.
+# 1.18.33, its @opencode-ai/sdk and TypeScript from npm). A failed install
+# stops here, naming the server.
 upstreams: $(STAMP)
 	$(BIN)/python -m tests.real.servers install
 

@@ -28,6 +28,8 @@ from .snapshot import CLEARABLE, RETRY_KEYS, STATE_KEYS, STATUSES
 __all__ = [
     "BUILTIN_PROFILES",
     "EventRule",
+    "FollowRule",
+    "JoinRules",
     "PathTemplate",
     "Profile",
     "ProfileError",
@@ -125,6 +127,8 @@ class Route:
     resource_id: str | None = None
     owner: str | None = None
     trigger: Trigger | None = None
+    #: A GET of the event stream (a resource's, or the shared one).
+    stream: bool = False
 
 
 def field_value(event: dict[str, Any], path: str) -> Any:
@@ -185,6 +189,39 @@ class EventRule:
 
 
 @dataclass(frozen=True)
+class FollowRule:
+    """One synthetic event sent after the stream's first event, for each
+    resource whose status is one of ``when_status`` (``[[stream.join.follow]]``)."""
+
+    when_status: frozenset[str]
+    #: The event's JSON object; a string ``"{id}"`` anywhere in it stands for
+    #: the resource's id.
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JoinRules:
+    """What a client's own event stream is told first (``[stream.join]``).
+
+    The upstream's first event, if it is of type ``event``, has the fields of
+    ``set`` overwritten from the resource's snapshot (a stream with ``{id}``),
+    and is followed by the ``follow`` events of each resource that needs one
+    (a shared stream). At most ``max_bytes`` and ``max_seconds`` are waited
+    for it; then, or for any other first event, every byte passes as it came.
+    """
+
+    event: str
+    #: Snapshot field (generating, last_error, pending_tools) -> the event's
+    #: field (a dotted path) that is set from it.
+    set: dict[str, str] = field(default_factory=dict)
+    follow: tuple[FollowRule, ...] = ()
+    #: A field of ``set`` the event lacks is added (else only those it has are set).
+    add_missing: bool = False
+    max_bytes: int = 64 * 1024
+    max_seconds: float = 3.0
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     id_pattern: re.Pattern[str]
@@ -223,6 +260,8 @@ class Profile:
     paths: PathRules = field(default_factory=PathRules)
     #: What the upstream authenticates a request by (``[credentials]``).
     credentials: CredentialRules = field(default_factory=CredentialRules)
+    #: What a client's own event stream is told first (``[stream.join]``).
+    join: JoinRules | None = None
 
     @cached_property
     def list_template(self) -> PathTemplate | None:
@@ -321,10 +360,10 @@ class Profile:
         if method == "POST" and self._create is not None and self._create.match(path) is not None:
             return Route("create", path)
         if method == "GET":
-            resource_id = self.stream.match(path) if self.stream.has_id else None
-        else:
-            resource_id = self.match_resource(path)
-        return Route("pass", path, resource_id, owner)
+            streamed = self.stream.match(path)
+            resource_id = streamed if self.stream.has_id else None
+            return Route("pass", path, resource_id, owner, stream=streamed is not None)
+        return Route("pass", path, self.match_resource(path), owner)
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -431,6 +470,10 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         raise ProfileError("stream.content_events: expected a list of event types")
     if not stream.has_id and id_field is None:
         raise ProfileError("stream.id_field: required when stream.path has no {id}")
+    join_table = st.get("join", dict, None)
+    join = _join_rules(_Reader(join_table, "stream.join")) if join_table is not None else None
+    if join is not None and join.set and not stream.has_id:
+        raise ProfileError("stream.join.set: a shared stream's first event is no one resource's")
     st.done()
 
     en = _Reader(top.get("enrich", dict), "enrich")
@@ -500,7 +543,34 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         source=source,
         paths=paths,
         credentials=credentials,
+        join=join,
     )
+
+
+def _join_rules(r: _Reader) -> JoinRules:
+    event = r.get("event", str)
+    where = r.where
+    fields = _field_map(r, "set", STATE_KEYS, where) or {}
+    follow = []
+    for i, raw in enumerate(r.get("follow", list, [])):
+        f = _Reader(raw, f"{where}.follow[{i}]")
+        statuses = _statuses(f, "when_status", f.where)
+        if not statuses:
+            raise ProfileError(f"{f.where}.when_status: expected a non-empty list of statuses")
+        template = f.get("event", dict)
+        f.done()
+        follow.append(FollowRule(statuses, template))
+    add_missing = r.get("add_missing", bool, False)
+    max_bytes = r.get("max_bytes", int, 64 * 1024)
+    max_seconds = float(r.get("max_seconds", (int, float), 3.0))
+    if not 0 < max_bytes <= 1024 * 1024:
+        raise ProfileError(f"{where}.max_bytes: expected 1 to 1048576")
+    if not 0 < max_seconds <= 60:
+        raise ProfileError(f"{where}.max_seconds: expected more than 0, at most 60")
+    if not fields and not follow:
+        raise ProfileError(f"{where}: nothing to tell (neither set nor follow)")
+    r.done()
+    return JoinRules(event, fields, tuple(follow), add_missing, max_bytes, max_seconds)
 
 
 def _choice(r: _Reader, key: str, choices: tuple[str, str], default: str) -> bool:

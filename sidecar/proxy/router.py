@@ -209,7 +209,9 @@ class Proxy:
             return self.listing.list(exchange, target)
         if route.kind == "create":
             return self.forward.create(exchange, target)
-        return self.forward.forward(exchange, target, route.resource_id, route.owner)
+        return self.forward.forward(
+            exchange, target, route.resource_id, route.owner, stream=route.stream
+        )
 
     async def serve(
         self, exchange: Exchange, path: str, work: Callable[[], Awaitable[None]]

@@ -3,8 +3,10 @@
 ``python -m tests.real.servers install`` (run by ``make test``) installs each
 pinned release into ``.cache/upstreams/`` in the checkout, once: gptme-server
 0.31.0 and 0.35.1 from PyPI into venvs of their own, opencode-ai 1.18.33 from
-npm. A failed install exits non-zero naming the server; the conformance
-tests then fail with the same words, never skip.
+npm, and its client library ``@opencode-ai/sdk`` of the same release (with
+the TypeScript compiler, to check events against its types). A failed
+install exits non-zero naming the server; the conformance tests then fail
+with the same words, never skip.
 
 Each server runs as a real process with its own temporary HOME and working
 directory, talking to the fake model (:mod:`tests.real.model`) and nothing
@@ -41,6 +43,8 @@ CACHE = Path(os.environ.get("SIDECAR_UPSTREAMS", ROOT / ".cache" / "upstreams"))
 OFFLINE = Path(__file__).resolve().parent / "offline"
 GPTME_VERSIONS = ("0.31.0", "0.35.1")
 OPENCODE_VERSION = "1.18.33"
+#: The compiler that checks events against ``@opencode-ai/sdk``'s types.
+TYPESCRIPT_VERSION = "5.9.3"
 GPTME_TOKEN = "sidecar-test-token"
 #: gptme 0.31.0 sometimes fails a step itself when requests come at once (a
 #: race on the conversation's workspace symlink): "[Errno 2] No such file or
@@ -121,6 +125,27 @@ def _install_opencode() -> None:
     _stamp(where).write_text(OPENCODE_VERSION)
 
 
+def sdk_dir() -> Path:
+    return CACHE / f"opencode-sdk-{OPENCODE_VERSION}"
+
+
+def _install_sdk() -> None:
+    """opencode's own client library, of the same release, and the TypeScript
+    compiler that checks events against its types."""
+    where = sdk_dir()
+    if _stamp(where).exists():
+        return
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    npm = shutil.which("npm")
+    if npm is None:
+        raise NotInstalled("npm is not installed (Debian's nodejs and npm packages provide it)")
+    flags = ["--no-audit", "--no-fund", "--no-save", "--loglevel=error"]
+    packages = [f"@opencode-ai/sdk@{OPENCODE_VERSION}", f"typescript@{TYPESCRIPT_VERSION}"]
+    _run([npm, "install", "--prefix", str(where), *flags, *packages])
+    _stamp(where).write_text(OPENCODE_VERSION)
+
+
 def opencode_binary() -> Path:
     return opencode_dir() / "node_modules" / ".bin" / "opencode"
 
@@ -130,6 +155,7 @@ def install() -> int:
     failed = []
     jobs = [(f"gptme-server {v}", lambda v=v: _install_gptme(v)) for v in GPTME_VERSIONS]
     jobs.append((f"opencode-ai {OPENCODE_VERSION}", _install_opencode))
+    jobs.append((f"@opencode-ai/sdk {OPENCODE_VERSION}", _install_sdk))
     for name, job in jobs:
         try:
             job()

@@ -2,10 +2,13 @@
 in a real headless Chromium, opened at the sidecar's address: the UI talks to
 the origin that served it, so the sidecar is in front of a real browser
 client. What the browser's own fetch of the conversation reads is what a
-person sees: the sidecar's ``status``, whatever coding Chromium asked for."""
+person sees: the sidecar's ``status``, whatever coding Chromium asked for.
+A tab opened late reads the conversation's state in its stream's first
+event (``connected``) and shows it: mid-step, its Stop button."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from typing import Any
@@ -35,10 +38,11 @@ def header(headers: dict[str, str], name: str) -> str | None:
     return next((v for k, v in headers.items() if k.lower() == name.lower()), None)
 
 
-async def open_ui(page: Page, gptme: Gptme, cid: str) -> None:
+async def open_ui(page: Page, gptme: Gptme, cid: str, direct: bool = False) -> None:
     """The UI's conversation page, its server set to the sidecar's origin with
-    the server's token (its own ``#baseUrl=...&userToken=...`` link)."""
-    base = gptme.sidecar.url
+    the server's token (its own ``#baseUrl=...&userToken=...`` link);
+    ``direct``: the upstream's own origin instead."""
+    base = gptme.upstream.url if direct else gptme.sidecar.url
     token = servers.GPTME_TOKEN
     await page.call("Network.enable")
     await page.call(
@@ -86,3 +90,76 @@ async def test_the_web_ui_reads_the_sidecars_status_through_chromium(
     assert doc["session"]["status"] == "failed", doc.get("session")
     assert "Incorrect API key" in doc["session"]["last_error"]
     assert doc["session"]["stream"] == "live"
+
+
+async def until(page: Page, expression: str, timeout: float = 15) -> Any:
+    """The value of ``expression`` in the page once it is truthy (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await page.evaluate(expression)
+        if value:
+            return value
+        assert loop.time() < deadline, f"{expression} stayed {value!r} for {timeout} s"
+        await asyncio.sleep(0.1)
+
+
+STOP_BUTTON = "document.querySelector('[aria-label=\"Stop generation\"]') !== null"
+
+
+@pytest.mark.parametrize("direct", [False, True])
+async def test_the_web_ui_opened_mid_step_shows_it_generating(
+    gptme: Gptme, http: aiohttp.ClientSession, tmp_path: Any, direct: bool
+) -> None:
+    """Opened at the sidecar mid-step, the UI's EventSource reads ``generating:
+    true`` in ``connected`` and it shows its Stop button; opened at gptme
+    itself (``direct``), it reads its new session's ``false`` and shows none."""
+    cid, sid = await gptme.create("slow")
+    try:
+        assert await gptme.step(cid, sid) == 200
+        await gptme.poller.wait(cid, "generating")
+        async with chromium(tmp_path, http) as page:
+            await open_ui(page, gptme, cid, direct=direct)
+            message = await page.event(
+                "Network.eventSourceMessageReceived", lambda p: '"connected"' in p["data"], 20
+            )
+            connected = json.loads(message["data"])
+            if direct:
+                await asyncio.sleep(2)  # what the UI shows once it has read the event
+                stop = await page.evaluate(STOP_BUTTON)
+            else:
+                stop = await until(page, STOP_BUTTON)
+        state = await gptme.poller.state(cid)
+    finally:
+        await gptme.post(cid, "/interrupt", {"session_id": sid})
+    assert state["generating"] is True  # the step still ran when the UI was read
+    assert connected["session_id"] != sid  # the tab's own session, kept
+    assert (connected["generating"], stop) == (not direct, not direct)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+async def test_the_web_ui_opened_while_a_tool_waits_reads_the_tool(
+    gptme: Gptme, http: aiohttp.ClientSession, tmp_path: Any, direct: bool
+) -> None:
+    """Opened at the sidecar while a tool waits for a human, the ``connected``
+    the UI's EventSource reads carries the tool; opened at gptme itself, none.
+
+    (What it then shows is not checked: the UI fails on this tool use itself,
+    "Cannot read properties of null (reading 'length')", as it does on the
+    same ``tool_pending`` read live: a function call's ``tooluse`` has
+    ``args: null`` and ``content: null``.)"""
+    cid, sid = await gptme.create("tool")
+    async with gptme.witness(cid) as witness:
+        assert await gptme.step(cid, sid) == 200
+        pending = await witness.wait_for("tool_pending")
+        await gptme.poller.wait(cid, "awaiting_tool", witness)
+        async with chromium(tmp_path, http) as page:
+            await open_ui(page, gptme, cid, direct=direct)
+            message = await page.event(
+                "Network.eventSourceMessageReceived", lambda p: '"connected"' in p["data"], 20
+            )
+        connected = json.loads(message["data"])
+        body = {"session_id": sid, "tool_id": pending["tool_id"], "action": "skip"}
+        assert (await gptme.post(cid, "/tool/confirm", body))[0] == 200
+    tools = [t["tool_id"] for t in connected["pending_tools"]]
+    assert tools == ([] if direct else [pending["tool_id"]])
