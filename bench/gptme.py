@@ -160,7 +160,10 @@ def poll_slice(
                     status = resp.status
                 took = time.monotonic() - sent
                 if sent >= start:
-                    shown = max((int(n) for n in MARKER.findall(body)), default=0)
+                    # Appends go at the log's end: the last one shown is the highest.
+                    at = body.rfind(b"appended ")
+                    found = MARKER.match(body, at) if at >= 0 else None
+                    shown = int(found.group(1)) if found else 0
                     records.append((cid, sent, took, status, shown))
                 due += 1.0
 
