@@ -55,7 +55,13 @@ WORKSPACE_RACE = r"No such file or directory: .*/workspace"
 #: conversation's GET with its HTML 500 for longer than a poller waits
 #: ("ChatConfig has no logdir set" in its log). The sidecar's own errors are
 #: JSON, so an HTML 500 is always the upstream's.
-UPSTREAM_FAULTS = [WORKSPACE_RACE, r": 500 <!doctype html>"]
+#: gptme 0.35.1's own JSON 500 (Flask's text for an exception in a handler):
+#: seen when its process's working directory vanished under concurrent
+#: first steps (each step ``os.chdir``s the whole process into its
+#: workspace), after which every ``Path.cwd()`` raises; ``Process.running``
+#: then starts it again for the rerun.
+GPTME_CRASHED = r': 500 \{"error": "The server encountered an internal error'
+UPSTREAM_FAULTS = [WORKSPACE_RACE, r": 500 <!doctype html>", GPTME_CRASHED]
 
 
 def gptme_conversation(cid: str, scenario: str) -> dict[str, object]:
@@ -231,10 +237,23 @@ class Process:
         raise RuntimeError(f"{self.name} did not answer within {timeout:g} s:\n{self.log_tail()}")
 
     def running(self) -> Process:
-        """This process, started again if a scenario before stopped or killed it."""
+        """This process, started again if a scenario before stopped or killed
+        it, or if its working directory is gone (see GPTME_CRASHED)."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
+        elif self.cwd_gone():
+            print(f"{self.name}: its working directory vanished; started again", file=sys.stderr)
+            self.restart()
         return self
+
+    def cwd_gone(self) -> bool:
+        """The process's working directory was removed under it (Linux)."""
+        if self.proc is None:
+            return False
+        try:
+            return os.readlink(f"/proc/{self.proc.pid}/cwd").endswith(" (deleted)")
+        except OSError:
+            return False
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
