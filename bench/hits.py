@@ -66,6 +66,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", help="git revision of the sidecar to compare against")
     parser.add_argument("--profile", action="store_true", help="profile a 2 KiB hit (cProfile)")
+    parser.add_argument(
+        "--cache",
+        choices=("events", "off"),
+        default="events",
+        help="off: the same comparison with the cache off (every GET a hop and a merge)",
+    )
     args = parser.parse_args()
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if shutil.which("wrk") is None or not Path(nginx).exists():
@@ -82,9 +88,11 @@ def main() -> int:
                 directory.chmod(0o755)
         procs = Processes()
         ev_port, up_port, nx_port = free_port(), free_port(), free_port()
-        fronts = {"nginx": nx_port, "sidecar hit": free_port()}
+        me = "sidecar hit" if args.cache == "events" else "sidecar"
+        was = "before, hit" if args.cache == "events" else "before"
+        fronts = {"nginx": nx_port, me: free_port()}
         if args.baseline:
-            fronts["before, hit"] = free_port()
+            fronts[was] = free_port()
         try:
             procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(ev_port))
             wait_port(ev_port)
@@ -99,11 +107,11 @@ def main() -> int:
                 NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
             )
             procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
-            cache = ("--store", "memory", "--cache", "events")
-            procs.start_sidecar(up_port, fronts["sidecar hit"], *cache)
+            cache = ("--store", "memory", "--cache", args.cache)
+            procs.start_sidecar(up_port, fronts[me], *cache)
             if args.baseline:
                 source = _baseline_source(tmp, args.baseline)
-                procs.start_sidecar(up_port, fronts["before, hit"], *cache, source=source)
+                procs.start_sidecar(up_port, fronts[was], *cache, source=source)
             for port in (up_port, *fronts.values()):
                 wait_port(port)
             for name, port in fronts.items():
@@ -137,10 +145,15 @@ def main() -> int:
                 f"{LABELS[cid]:>7} | {name:<12} | {rps:>8.0f} | {p50:>7.2f} | {p99:>7.2f} "
                 f"| {ratio:.2f}"
             )
-            if name == "sidecar hit":
+            if name == me:
                 verdicts.append((LABELS[cid], ratio, target))
+            if name == was:
+                print(
+                    f"{'':>7} | {'':<12} | {'':>8} | {'':>7} | {'':>7} | now / before: "
+                    f"{_median(runs[(cid, me)])[0] / rps:.2f}"
+                )
     print()
-    for label, ratio, target in verdicts:
+    for label, ratio, target in verdicts if args.cache == "events" else ():
         mark = "ok" if ratio >= target else "MISSED"
         print(f"cache hit {label}, x nginx proxy_pass: {ratio:.2f} (target >= {target:g})  {mark}")
     if profile is not None:

@@ -195,7 +195,9 @@ class Proxy:
         if isinstance(exchange, WebExchange) and is_websocket(exchange.request):
             exchange.kind = "websocket"
             return self.websockets.relay(exchange, target)
-        route = self.profile.route(exchange.method, path)
+        route = exchange.derived.get("route") if exchange.method == "GET" else None
+        if route is None:
+            route = self.profile.route(exchange.method, path)
         if route.kind == "trigger" and isinstance(exchange, WebExchange):
             assert route.trigger is not None and route.resource_id is not None
             exchange.kind = "trigger"
