@@ -100,6 +100,10 @@ WATCHED = ACTIVE | {"awaiting_tool", "awaiting_input"}
 #       then one entry per list
 # A fenced write is refused if the lease is another's; a lease that is gone
 # (Redis lost it, or it lapsed and nobody took it) is this writer's again.
+# The new revision is at least Redis's time in ms: revisions never go back,
+# not after a record was dropped or overwritten with a lower one, nor after
+# Redis lost everything (a replica that read revision n ignores every
+# revision up to n as known).
 # The transitions the write makes are pushed to the webhook outbox lists in
 # the same script (a full list refuses its entry: returned, counted).
 _WRITE = """
@@ -112,7 +116,9 @@ local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
 if ARGV[9] ~= '1' and cur ~= tonumber(ARGV[1]) then
   return {0, cur, redis.call('HGET', KEYS[1], 'data')}
 end
-local rev = cur + 1
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rev = string.format('%.0f', math.max(cur + 1, ms))
 redis.call('HSET', KEYS[1], 'rev', rev, 'data', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[4])
@@ -582,7 +588,14 @@ class RedisStore(Store):
 
     def _replay(self) -> None:
         for key in list(self._held_back):
-            if key not in self.leases or self.degraded is not None:
+            if self.degraded is not None:
+                # Alone now: this replica's stream is the one it goes by, and
+                # what it showed is merged into the shared copy at recovery
+                # (dropped, a step that ended during a pause would read as
+                # running here for ever).
+                for apply in self._held_back.pop(key):
+                    apply()
+            elif key not in self.leases:
                 del self._held_back[key]  # lost: the new holder's stream has them
             elif self.holds(key):
                 for apply in self._held_back.pop(key):
@@ -782,6 +795,11 @@ class RedisStore(Store):
                 # Known already (most reads, under load): only the body's version may be new.
                 if body is not None:
                     self._learn_body(conv, body)
+                if int(rev) < view.rev:
+                    # Older than one known (a read sent before a write), never
+                    # adopted; or written there under an older revision by
+                    # something else: checked all the same, dropped if bad.
+                    self._checked(conv.id, rev, data, None)
                 return
         record = self._checked(conv.id, rev, data, body)
         if record is not None:
