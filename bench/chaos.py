@@ -762,6 +762,10 @@ async def main_async(args: argparse.Namespace) -> int:
         + (f" --faults {','.join(args.faults)}" if tuple(args.faults) != FAULTS else "")
     )
     started = time.monotonic()
+    # SIGTERM ends the run as Ctrl-C does: everything it started is stopped.
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         await chaos.start()
         await chaos.run()

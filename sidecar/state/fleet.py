@@ -1098,6 +1098,11 @@ class RedisStore(Store):
             if change.done is not None and not change.done.done():
                 change.done.set_result(None)
         if self.degraded is not None:
+            if view.pending:
+                # Applied here, not written there: merged into the shared
+                # copy at recovery, as a change made alone is (forgotten, a
+                # step accepted as Redis went away would read as never taken).
+                self._changed_alone.add(conv.id)
             view.pending.clear()
 
     async def written(self, changes: Iterable[asyncio.Future[None]]) -> None:
