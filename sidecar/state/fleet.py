@@ -1073,7 +1073,7 @@ class RedisStore(Store):
             if outcome == 0:
                 self.counts["conflicts"] += 1
                 record = None
-                if result[2] is not None:
+                if len(result) > 2 and result[2] is not None:  # (a nil ends a Lua table)
                     record = self._checked(conv.id, result[1], result[2], None)
                 if record is None:
                     # Nothing readable there: the change goes onto what this
