@@ -100,6 +100,8 @@ WATCHED = ACTIVE | {"awaiting_tool", "awaiting_input"}
 #       then one entry per list
 # A fenced write is refused if the lease is another's; a lease that is gone
 # (Redis lost it, or it lapsed and nobody took it) is this writer's again.
+# (A revision that is no number, written there by something else, counts as
+# none: the writer that read none writes over it.)
 # The new revision is at least Redis's time in ms: revisions never go back,
 # not after a record was dropped or overwritten with a lower one, nor after
 # Redis lost everything (a replica that read revision n ignores every
@@ -112,7 +114,7 @@ if ARGV[6] ~= '' then
   if not holder then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[10])
   elseif holder ~= ARGV[6] then return {-1} end
 end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') or 0
 if ARGV[9] ~= '1' and cur ~= tonumber(ARGV[1]) then
   return {0, cur, redis.call('HGET', KEYS[1], 'data')}
 end
@@ -1078,7 +1080,7 @@ class RedisStore(Store):
                 if record is None:
                     # Nothing readable there: the change goes onto what this
                     # replica has, over that revision.
-                    view.rev = int(result[1])
+                    view.rev = int(result[1]) if len(result) > 1 else 0
                 else:
                     _take(view, record)
                 continue
