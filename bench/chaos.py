@@ -41,7 +41,10 @@ and counts violations of:
     own "showed no sign of the step", "did not come back" or "no event from
     the upstream within" (the evidence rules; ``start_timeout`` is 4 s here,
     the fake's first event coming within milliseconds), never ``generating``
-    forever nor another outcome;
+    forever nor another outcome. A step whose request got no answer (the
+    replica killed or frozen with it) but that the upstream ran all the same
+    is one of the conversation's steps, checked as one that ended unseen
+    (an indeterminate operation, in Jepsen's terms), never skipped;
 (b) **monotonic**: a replica process never answers an older state than one it
     answered before. Older is told by ``updated_at``, which the sidecar
     vouches for: every change dates the snapshot no earlier than the one it
@@ -348,6 +351,8 @@ class Stats:
     violations: Counter[str] = field(default_factory=Counter)
     #: Steps that ended during a process fault, reported unseen by the evidence rule.
     unseen: int = 0
+    #: Steps whose request got no answer (a fault) yet that the upstream ran.
+    indeterminate: int = 0
     #: Reads of ``unknown`` after a bad record destroyed what the fleet knew.
     forgotten: int = 0
     details: list[str] = field(default_factory=list)
@@ -506,21 +511,39 @@ class Chaos:
                         )
             except (aiohttp.ClientError, TimeoutError):
                 accepted = False
-            if not accepted:
-                if isinstance(self.upstream, FakeUpstream):
-                    self.upstream.fake.planned.pop(cid, None)
-                await asyncio.sleep(0.2)
-                continue
             accepted_at = time.monotonic()
-            self.note(f"{cid} step {step} accepted by replica {replica.index}")
+            if not accepted:
+                # Indeterminate (the replica died or froze with the request):
+                # the upstream may have run the step all the same. Then it is
+                # one of the conversation's steps, checked as one that ended
+                # during a fault; else it is asked for again.
+                if not await self.ran_anyway(cid, step):
+                    await asyncio.sleep(0.2)
+                    continue
+                self.stats.indeterminate += 1
+                self.note(f"{cid} step {step} not answered, run upstream all the same")
+            else:
+                self.note(f"{cid} step {step} accepted by replica {replica.index}")
             outcome = await self.ended(cid, step)
             self.note(f"{cid} step {step} ended {outcome}")
             if outcome is None:
                 self.stats.violate("a", f"{cid} step {step}: the upstream never ended it")
                 return
             self.stats.steps[outcome[0]] += 1
-            await self.verify(cid, step, outcome, accepted_at)
+            await self.verify(cid, step, outcome, accepted_at, hit=not accepted)
             step += 1
+
+    async def ran_anyway(self, cid: str, step: int) -> bool:
+        """Whether a step whose request got no answer reached the upstream."""
+        if isinstance(self.upstream, FakeUpstream):
+            # The fake takes a step's planned outcome as it starts it.
+            return self.upstream.fake.planned.pop(cid, None) is None
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if await self.upstream.ended_async(cid, step) is not None:
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     async def ended(self, cid: str, step: int) -> tuple[str, str | None] | None:
         deadline = time.monotonic() + 60
@@ -535,7 +558,12 @@ class Chaos:
         return None
 
     async def verify(
-        self, cid: str, step: int, outcome: tuple[str, str | None], accepted_at: float
+        self,
+        cid: str,
+        step: int,
+        outcome: tuple[str, str | None],
+        accepted_at: float,
+        hit: bool = False,
     ) -> None:
         """(a): the outcome, through every replica, in time."""
         ended_at = time.monotonic()
@@ -544,7 +572,9 @@ class Chaos:
         # (A fault that ended just before still acts for a while: the lease it
         # lapsed is taken over up to lease_ttl later, and the new holder's
         # confirm_timeout runs after that.)
-        hit = self.faulting_process or self.process_fault_end >= accepted_at - (LEASE_TTL + 3)
+        hit = (
+            hit or self.faulting_process or self.process_fault_end >= accepted_at - (LEASE_TTL + 3)
+        )
         unseen = False
         waiting = set(range(len(self.replicas)))
         while waiting:
@@ -731,8 +761,8 @@ def report(chaos: Chaos, command: str, elapsed: float) -> int:
     print(f"{'total':<14} | {total:>6}\n")
     print(f"steps: {sum(stats.steps.values())} ({stats.steps['completed']} completed, "
           f"{stats.steps['failed']} failed; {stats.unseen} ended unseen during a fault, "
-          f"reported so); reads: {stats.reads} ({stats.forgotten} unknown after a bad record, "
-          f"as documented) "
+          f"reported so; {stats.indeterminate} not answered but run upstream); "
+          f"reads: {stats.reads} ({stats.forgotten} unknown after a bad record, as documented) "
           f"(+{stats.refused} refused by replicas that were down)")  # fmt: skip
     slowest = max(stats.exit_times, default=0.0)
     print(f"SIGTERM to exit: {len(stats.exit_times)} exits, slowest {slowest:.2f} s\n")
@@ -762,6 +792,10 @@ async def main_async(args: argparse.Namespace) -> int:
         + (f" --faults {','.join(args.faults)}" if tuple(args.faults) != FAULTS else "")
     )
     started = time.monotonic()
+    # SIGTERM ends the run as Ctrl-C does: everything it started is stopped.
+    main = asyncio.current_task()
+    assert main is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         await chaos.start()
         await chaos.run()

@@ -244,7 +244,9 @@ def accept_trigger(
     more than this answer: only what the body itself names (a pending tool
     it resolved) is applied, never a status.
     """
-    stale = snap.state_seq != token
+    # (Nothing known now, ``unknown``: no event known overtook the answer,
+    # which is then the best knowledge there is, as for a first trigger.)
+    stale = snap.state_seq != token and snap.status != "unknown"
     if stale:
         for own in trigger.on_accept:
             if snap.status in own.supersedes and _matches(own, body):

@@ -36,6 +36,7 @@ __all__ = [
     "Field",
     "Snapshot",
     "iso_time",
+    "millis",
 ]
 
 #: Every status, in the order they are documented, with what it means.
@@ -245,12 +246,17 @@ class Snapshot:
         conversation's history the time only grows, and a reader can tell an
         older state from a newer one by it."""
         at = time.time() if now is None else now
-        before = self.updated_at or 0.0
-        return {
-            # (a millisecond later at least: the time is reported in ms)
-            "updated_at": at if at > before else before + 0.001,
-            "version": self.version + 1,
-        }
+        before = self.updated_at
+        if before is not None and millis(at) <= millis(before):
+            # In a later millisecond of the time as reported (two changes in
+            # the same millisecond would show the same time for two states).
+            at = (millis(before) + 1.5) / 1000
+        return {"updated_at": at, "version": self.version + 1}
+
+
+def millis(ts: float) -> int:
+    """The millisecond :func:`iso_time` reports for ``ts``."""
+    return round(ts * 1_000_000) // 1000
 
 
 def iso_time(ts: float | None) -> str | None:

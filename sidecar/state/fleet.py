@@ -100,6 +100,12 @@ WATCHED = ACTIVE | {"awaiting_tool", "awaiting_input"}
 #       then one entry per list
 # A fenced write is refused if the lease is another's; a lease that is gone
 # (Redis lost it, or it lapsed and nobody took it) is this writer's again.
+# (A revision that is no number, written there by something else, counts as
+# none: the writer that read none writes over it.)
+# The new revision is at least Redis's time in ms: revisions never go back,
+# not after a record was dropped or overwritten with a lower one, nor after
+# Redis lost everything (a replica that read revision n ignores every
+# revision up to n as known).
 # The transitions the write makes are pushed to the webhook outbox lists in
 # the same script (a full list refuses its entry: returned, counted).
 _WRITE = """
@@ -108,11 +114,13 @@ if ARGV[6] ~= '' then
   if not holder then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[10])
   elseif holder ~= ARGV[6] then return {-1} end
 end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+local cur = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0') or 0
 if ARGV[9] ~= '1' and cur ~= tonumber(ARGV[1]) then
   return {0, cur, redis.call('HGET', KEYS[1], 'data')}
 end
-local rev = cur + 1
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rev = string.format('%.0f', math.max(cur + 1, ms))
 redis.call('HSET', KEYS[1], 'rev', rev, 'data', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if ARGV[3] == '1' then redis.call('SADD', KEYS[2], ARGV[4])
@@ -582,7 +590,14 @@ class RedisStore(Store):
 
     def _replay(self) -> None:
         for key in list(self._held_back):
-            if key not in self.leases or self.degraded is not None:
+            if self.degraded is not None:
+                # Alone now: this replica's stream is the one it goes by, and
+                # what it showed is merged into the shared copy at recovery
+                # (dropped, a step that ended during a pause would read as
+                # running here for ever).
+                for apply in self._held_back.pop(key):
+                    apply()
+            elif key not in self.leases:
                 del self._held_back[key]  # lost: the new holder's stream has them
             elif self.holds(key):
                 for apply in self._held_back.pop(key):
@@ -782,6 +797,11 @@ class RedisStore(Store):
                 # Known already (most reads, under load): only the body's version may be new.
                 if body is not None:
                     self._learn_body(conv, body)
+                if int(rev) < view.rev:
+                    # Older than one known (a read sent before a write), never
+                    # adopted; or written there under an older revision by
+                    # something else: checked all the same, dropped if bad.
+                    self._checked(conv.id, rev, data, None)
                 return
         record = self._checked(conv.id, rev, data, body)
         if record is not None:
@@ -1055,12 +1075,12 @@ class RedisStore(Store):
             if outcome == 0:
                 self.counts["conflicts"] += 1
                 record = None
-                if result[2] is not None:
+                if len(result) > 2 and result[2] is not None:  # (a nil ends a Lua table)
                     record = self._checked(conv.id, result[1], result[2], None)
                 if record is None:
                     # Nothing readable there: the change goes onto what this
                     # replica has, over that revision.
-                    view.rev = int(result[1])
+                    view.rev = int(result[1]) if len(result) > 1 else 0
                 else:
                     _take(view, record)
                 continue
@@ -1080,6 +1100,11 @@ class RedisStore(Store):
             if change.done is not None and not change.done.done():
                 change.done.set_result(None)
         if self.degraded is not None:
+            if view.pending:
+                # Applied here, not written there: merged into the shared
+                # copy at recovery, as a change made alone is (forgotten, a
+                # step accepted as Redis went away would read as never taken).
+                self._changed_alone.add(conv.id)
             view.pending.clear()
 
     async def written(self, changes: Iterable[asyncio.Future[None]]) -> None:

@@ -38,7 +38,7 @@ from ..core import reducer
 from ..core.credentials import NO_CREDENTIALS, Credentials
 from ..core.events import Reader
 from ..core.profile import Profile, Trigger
-from ..core.snapshot import ACTIVE, Snapshot
+from ..core.snapshot import ACTIVE, Snapshot, millis
 from ..core.sse import ServerSentEvent
 from . import validators
 from .conversation import TRANSITIONS_KEPT, Change, Conversation, View, lasting
@@ -295,8 +295,11 @@ class Registry:
             # the shared write that makes it tells it, once).
             if self.transitions is not None and conv.snapshot.status != before.status:
                 self.transitions.transitioned(conv.id, before, conv.snapshot)
-            if fleet is not None and conv.snapshot is not before:
-                fleet.enqueue(conv, Change(op))  # noted: merged into the shared copy at recovery
+            if fleet is not None and lasting(conv.snapshot) != lasting(before):
+                # Noted: merged into the shared copy at recovery. (Not a change
+                # of its stream alone: that would only make a stale state look
+                # newer than what the fleet learnt meanwhile.)
+                fleet.enqueue(conv, Change(op))
             return None
         if conv.snapshot is before:
             return None
@@ -586,8 +589,15 @@ class Registry:
             sub = self._open(
                 key, credentials if credentials is not None else self.own_credentials()
             )
-            if sub is not None:
-                conv.subscription = sub
+            if sub is None:
+                continue
+            for watched in self.conversations_of(key):
+                watched.subscription = sub
+                if reducer.is_active(watched.snapshot) and not watched.evidence.armed:
+                    # Its holder's stream is not this replica's to see: the
+                    # work in flight must show on this one, as after a takeover
+                    # (no replica may be left to end it otherwise).
+                    self._watches.arm(watched, "takeover")
 
     def adopt(
         self,
@@ -608,13 +618,12 @@ class Registry:
         """The shared record was unusable and is gone (at ``at``): nothing is
         known of the work now (``unknown``) until the holder's stream says again."""
         conv.evidence.cancel()
-        now = max(at, conv.snapshot.updated_at or 0.0)
         self.rebased(conv)
+        moved = conv.snapshot.touched(at)  # (after the time it showed: unknown is another state)
         conv.set(
             dataclasses.replace(
                 Snapshot(session_id=conv.snapshot.session_id, stream=conv.snapshot.stream),
-                updated_at=now,
-                version=conv.snapshot.version + 1,
+                **moved,
             )
         )
 
@@ -638,17 +647,25 @@ class Registry:
         if stream != snap.stream:
             snap = dataclasses.replace(snap, stream=stream)
         now = conv.snapshot
-        if (snap.updated_at or 0) < (now.updated_at or 0) and (
-            lasting(snap) == lasting(now) or now.status == "unknown"
-        ):
-            # The same state as this replica has, dated a little earlier by the
-            # replica that wrote it (each applies an event at its own time), or
-            # a state learnt after this replica knew nothing (a dropped record):
-            # either way, a reader never sees the time of a state go back.
-            later = (now.updated_at or 0) + (0 if lasting(snap) == lasting(now) else 0.001)
-            snap = dataclasses.replace(
-                snap, updated_at=later, version=max(snap.version, now.version)
-            )
+        if now.updated_at is not None and snap != now:
+            # A reader never sees the time of a state go back, on this replica:
+            if lasting(snap) == lasting(now):
+                # the same state as this replica has, dated a little earlier by
+                # the replica that wrote it (each applies an event at its own
+                # time): the time this replica showed is kept;
+                if (snap.updated_at or 0) < now.updated_at:
+                    snap = dataclasses.replace(
+                        snap, updated_at=now.updated_at, version=max(snap.version, now.version)
+                    )
+            elif millis(snap.updated_at or 0) <= millis(now.updated_at):
+                # another state, dated earlier than the one this replica
+                # showed (a state learnt after this replica knew nothing, or
+                # after it went on alone, or woke from a pause, on a stale
+                # snapshot it dated since): it is what this replica knows from
+                # now on, dated when it learnt it.
+                moved = now.touched()
+                moved["version"] = max(snap.version, moved["version"])
+                snap = dataclasses.replace(snap, **moved)
         if snap != conv.snapshot:
             conv.set(snap)
 
