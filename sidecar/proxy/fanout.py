@@ -40,8 +40,10 @@ import contextlib
 import logging
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from multidict import CIMultiDict
 
@@ -82,9 +84,25 @@ def render(sse: ServerSentEvent, event_id: str | None = None) -> bytes:
 
 
 class Client:
-    """One fanned-out client: its queue, bounded in bytes."""
+    """One fanned-out client: its queue, bounded in bytes, and its writes.
 
-    __slots__ = ("_bound", "_queue", "_size", "_wake", "dropped", "ended", "exchange")
+    An event for a client that has nothing queued is written at once, in
+    the subscription's callback, when the connection takes it without
+    waiting (the usual case: no task wakes per client per event); a write
+    that must wait for the connection to drain is finished by the
+    client's own task (:meth:`run`), and what comes meanwhile is queued."""
+
+    __slots__ = (
+        "_bound",
+        "_idle",
+        "_queue",
+        "_size",
+        "_waiting",
+        "_wake",
+        "dropped",
+        "ended",
+        "exchange",
+    )
 
     def __init__(self, exchange: Exchange, bound: int) -> None:
         self.exchange = exchange
@@ -92,11 +110,27 @@ class Client:
         self._queue: deque[bytes] = deque()
         self._size = 0
         self._wake = asyncio.Event()
+        #: Its task waits for something to write (nothing queued, nothing unfinished).
+        self._idle = False
+        #: A write begun in a callback that waits for the connection to drain.
+        self._waiting: tuple[Coroutine[Any, Any, None], Any] | None = None
         self.dropped = False
         self.ended = False
 
     def put(self, data: bytes) -> None:
         if self.dropped or self.ended:
+            return
+        if self._idle and self._waiting is None:
+            coro = self.exchange.write(data)
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                return  # written at once
+            except (ConnectionResetError, OSError):
+                self.drop()
+                return
+            self._waiting = (coro, yielded)  # the task finishes it
+            self._wake.set()
             return
         if self._size + len(data) > self._bound:
             self.drop()
@@ -118,19 +152,59 @@ class Client:
         self.ended = True
         self._wake.set()
 
-    async def take(self) -> bytes | None:
-        """What is queued, in one piece; None when the stream is over."""
-        while not self._queue:
-            if self.dropped or self.ended:
-                return None
-            self._wake.clear()
-            await self._wake.wait()
-        if self.dropped:
-            return None
-        data = b"".join(self._queue)
-        self._queue.clear()
-        self._size = 0
-        return data
+    async def run(self) -> None:
+        """Write what comes until the stream is over (dropped or ended)."""
+        try:
+            while True:
+                if self._waiting is not None:
+                    await self._finish_waiting()
+                    continue
+                if self.dropped:
+                    return
+                if self._queue:
+                    data = b"".join(self._queue)
+                    self._queue.clear()
+                    self._size = 0
+                    await self.exchange.write(data)
+                    continue
+                if self.ended:
+                    return
+                self._wake.clear()
+                self._idle = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._idle = False
+        finally:
+            if self._waiting is not None:
+                self._waiting[0].close()
+                self._waiting = None
+
+    async def _finish_waiting(self) -> None:
+        assert self._waiting is not None
+        coro, yielded = self._waiting
+        loop = asyncio.get_running_loop()
+        while True:
+            if isinstance(yielded, asyncio.Future):
+                # What the write waits for, as a task would wait for it.
+                yielded._asyncio_future_blocking = False
+                if not yielded.done():
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    yielded.add_done_callback(partial(_settle, waiter))
+                    await waiter
+            else:
+                await asyncio.sleep(0)
+            try:
+                yielded = coro.send(None)
+            except StopIteration:
+                break
+            self._waiting = (coro, yielded)
+        self._waiting = None
+
+
+def _settle(waiter: asyncio.Future[None], _: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Hub:
@@ -321,17 +395,12 @@ class FanOut:
         await exchange.start(200, None, headers)
         hub.join(client, exchange.headers.get("Last-Event-ID"))
         try:
-            while True:
-                data = await client.take()
-                if data is None:
-                    break
-                await exchange.write(data)
+            await client.run()
             if client.ended and not client.dropped:
                 with contextlib.suppress(ConnectionResetError):
                     await exchange.finish()
         except ConnectionResetError:
-            if client.dropped:
-                exchange.status = 200
+            pass  # the client left (or was dropped)
         finally:
             hub.leave(client)
         return True

@@ -133,8 +133,12 @@ async def test_a_client_not_authorised_for_the_conversation_is_proxied(gptme, ht
     assert fanout(g).served == 1
 
 
-async def test_a_client_that_does_not_read_is_dropped_and_slows_nobody(gptme, http) -> None:
-    g = await gptme("0.35.1", sidecar_options={"fan_out_client_bytes": 256 * 1024})
+@pytest.mark.parametrize("front_door", [True, False], ids=["front-door", "aiohttp-server"])
+async def test_a_client_that_does_not_read_is_dropped_and_slows_nobody(
+    gptme, http, front_door: bool
+) -> None:
+    options = {"fan_out_client_bytes": 256 * 1024, "front_door": front_door}
+    g = await gptme("0.35.1", sidecar_options=options)
     await g.create("c1")
     await opened(g, "c1")
     host, port = g.sidecar.url.removeprefix("http://").split(":")
