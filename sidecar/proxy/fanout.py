@@ -376,6 +376,9 @@ class FanOut:
         client_credentials = self.profile.credentials.of(exchange.headers, target)
         if client_credentials.fingerprint not in conv.authorised:
             return False
+        # A read, as a proxied stream's would be: the stream is the most
+        # recently used (and opened again if it was closed).
+        self.registry.observe(resource_id, client_credentials)
         hub = self._hub(resource_id)
         if hub is None or not await hub.sub.wait_live(self.settings.live_wait):
             return False
