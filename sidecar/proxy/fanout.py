@@ -126,7 +126,7 @@ class Client:
                 yielded = coro.send(None)
             except StopIteration:
                 return  # written at once
-            except (ConnectionResetError, OSError):
+            except Exception:  # the client left (ConnectionResetError), or worse
                 self.drop()
                 return
             self._waiting = (coro, yielded)  # the task finishes it

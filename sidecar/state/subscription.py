@@ -228,7 +228,11 @@ class Subscription:
                     self.events += 1
                     self._on_event(self, event)
                     for listener in self.listeners:
-                        listener.event(self, event)
+                        try:
+                            listener.event(self, event)
+                        except Exception:
+                            # A fault of a reader's own: the stream goes on.
+                            log.exception("a listener failed", extra={"key": self.key})
         finally:
             resp.close()
 
