@@ -27,10 +27,12 @@ closed) when its queue would pass the bound. Nothing waits on a client: the
 subscription and the other clients go on.
 
 A request is fanned out only when the conversation is authorised for the
-client's credentials (the upstream answered them a 2xx for it before), the
-subscription is this process's own and live, and the request is not
-cross-origin (an ``Origin`` header: the upstream's CORS answer is its own).
-Anything else is proxied as before (``sidecar.proxy.forward``).
+client's credentials (the upstream answered them a 2xx for it before; if
+not, the router asks the upstream with the client's own request and closes
+the stream it opens as soon as its head says 2xx), the subscription is this
+process's own and live, and the request is not cross-origin (an ``Origin``
+header: the upstream's CORS answer is its own). Anything else is proxied as
+before (``sidecar.proxy.forward``).
 """
 
 from __future__ import annotations
@@ -366,9 +368,19 @@ class FanOut:
         )
         return hub
 
+    def eligible(self, exchange: Exchange) -> bool:
+        """Whether the request may be fanned out at all (not cross-origin)."""
+        return not self.closing and "Origin" not in exchange.headers
+
+    def authorised(self, exchange: Exchange, target: str, resource_id: str) -> bool:
+        """Whether the upstream answered these credentials a 2xx for it before."""
+        conv = self.registry.get(resource_id)
+        client_credentials = self.profile.credentials.of(exchange.headers, target)
+        return conv is not None and client_credentials.fingerprint in conv.authorised
+
     async def serve(self, exchange: Exchange, target: str, resource_id: str) -> bool:
         """Serve the client from the subscription; False: it must be proxied."""
-        if self.closing or "Origin" in exchange.headers:
+        if not self.eligible(exchange):
             return False
         conv = self.registry.get(resource_id)
         if conv is None:

@@ -242,8 +242,24 @@ class Proxy:
     async def _stream(self, exchange: Exchange, target: str, resource_id: str) -> None:
         """A client's event stream: fanned out from the subscription where it
         can be, else proxied."""
-        assert self.fanout is not None
-        if not await self.fanout.serve(exchange, target, resource_id):
+        fanout = self.fanout
+        assert fanout is not None
+        fleet = self.registry.fleet
+        if (
+            fanout.eligible(exchange)
+            and not fanout.authorised(exchange, target, resource_id)
+            and (fleet is None or self.registry.subscription_of(resource_id) is not None)
+        ):
+            # May these credentials read it? The upstream says, in its
+            # answer's head; a stream it opens is closed at once.
+            upstream = await self.upstream.send(exchange, target)
+            if not (200 <= upstream.status < 300 and upstream.content_type == "text/event-stream"):
+                await self.relay.relay(exchange, upstream)  # its refusal, as it came
+                return
+            upstream.close()
+            client = self.profile.credentials.of(exchange.headers, target)
+            self.registry.observe(resource_id, client)
+        if not await fanout.serve(exchange, target, resource_id):
             await self.forward.forward(exchange, target, resource_id, None, stream=True)
 
     async def serve(
