@@ -296,6 +296,25 @@ OPTIONS: tuple[Option, ...] = (
         _at_least_zero,
     ),
     Option(
+        "fan_out",
+        bool,
+        "serve clients' event streams from the sidecar's own subscription, one upstream "
+        "stream per conversation (where the profile has it verified: gptme)",
+    ),
+    Option(
+        "fan_out_replay",
+        int,
+        "events a fanned-out stream keeps per conversation for clients that resume "
+        "(Last-Event-ID); at most 1 MiB of them",
+        _count,
+    ),
+    Option(
+        "fan_out_client_bytes",
+        int,
+        "bytes queued at most for one fanned-out client; one that does not read is dropped",
+        _count,
+    ),
+    Option(
         "max_merge_memory",
         int,
         "bytes of answers held for merging at once (503 beyond)",
@@ -463,6 +482,9 @@ class Settings:
     cache_stale_while_revalidate: float = 5.0
     cache_max_bytes: int = 64 * 1024 * 1024
     list_observe: int = 10
+    fan_out: bool = True
+    fan_out_replay: int = 1000
+    fan_out_client_bytes: int = 4 * 1024 * 1024
     max_merge_memory: int = 256 * 1024 * 1024
     max_event_bytes: int = 4 * 1024 * 1024
     max_request_body: int = 1024**3

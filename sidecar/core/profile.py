@@ -262,6 +262,9 @@ class Profile:
     credentials: CredentialRules = field(default_factory=CredentialRules)
     #: What a client's own event stream is told first (``[stream.join]``).
     join: JoinRules | None = None
+    #: Clients' event streams may be served from the sidecar's own
+    #: subscription (``stream.fan_out``: verified for this upstream).
+    fan_out: bool = False
 
     @cached_property
     def list_template(self) -> PathTemplate | None:
@@ -474,6 +477,9 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
     join = _join_rules(_Reader(join_table, "stream.join")) if join_table is not None else None
     if join is not None and join.set and not stream.has_id:
         raise ProfileError("stream.join.set: a shared stream's first event is no one resource's")
+    fan_out = st.get("fan_out", bool, False)
+    if fan_out and not stream.has_id:
+        raise ProfileError("stream.fan_out: only a stream of one resource ({id}) is fanned out")
     st.done()
 
     en = _Reader(top.get("enrich", dict), "enrich")
@@ -544,6 +550,7 @@ def parse_profile(data: dict[str, Any], source: str = "<dict>") -> Profile:
         paths=paths,
         credentials=credentials,
         join=join,
+        fan_out=fan_out,
     )
 
 

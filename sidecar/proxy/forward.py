@@ -77,6 +77,11 @@ class Forward:
             )
         await self.relay.relay(exchange, upstream, first_event=first_event)
 
+    def told(self, resource_id: str, block: bytes) -> bytes | None:
+        """A fanned-out stream's first event as a client is told it (None: as it came)."""
+        join = self.profile.join
+        return self._tell(join, resource_id, block) if join is not None else None
+
     def _tell(self, join: JoinRules, resource_id: str | None, block: bytes) -> bytes | None:
         """The stream's first event as the client is told it (None: as it came),
         from the snapshots as they are when it arrives."""

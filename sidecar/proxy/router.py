@@ -38,6 +38,7 @@ from . import cache_policy
 from .cache import Cache, Rendered, ResponseCache
 from .counts import Counts
 from .enrich import Enrich, Merger
+from .fanout import FanOut, FanOutSettings
 from .forward import Forward
 from .listing import Listing
 from .longpoll import LongPoll
@@ -113,6 +114,22 @@ class Proxy:
             max_merge_memory=settings.max_merge_memory,
         )
         self.forward = Forward(profile, registry, self.upstream, self.relay)
+        #: Clients' event streams served from the subscription, or None.
+        self.fanout = (
+            FanOut(
+                profile,
+                registry,
+                FanOutSettings(
+                    replay_events=settings.fan_out_replay,
+                    client_bytes=settings.fan_out_client_bytes,
+                    live_wait=settings.trigger_wait,
+                ),
+                self.forward.told,
+                self.via,
+            )
+            if settings.fan_out and profile.fan_out
+            else None
+        )
         self.listing = Listing(
             profile, registry, self.upstream, self.relay, counts, merger, settings.list_observe
         )
@@ -142,6 +159,8 @@ class Proxy:
     def begin_shutdown(self) -> None:
         """End SSE passthroughs cleanly and answer held long-polls now."""
         self.relay.begin_shutdown()
+        if self.fanout is not None:
+            self.fanout.begin_shutdown()
         self.longpoll.closing = True
         if self.longpoll.held:
             for conv in self.registry.conversations():
@@ -211,9 +230,39 @@ class Proxy:
             return self.listing.list(exchange, target)
         if route.kind == "create":
             return self.forward.create(exchange, target)
+        if (
+            route.stream
+            and self.fanout is not None
+            and route.resource_id is not None
+            and exchange.method == "GET"
+        ):
+            return self._stream(exchange, target, route.resource_id)
         return self.forward.forward(
             exchange, target, route.resource_id, route.owner, stream=route.stream
         )
+
+    async def _stream(self, exchange: Exchange, target: str, resource_id: str) -> None:
+        """A client's event stream: fanned out from the subscription where it
+        can be, else proxied."""
+        fanout = self.fanout
+        assert fanout is not None
+        fleet = self.registry.fleet
+        if (
+            fanout.eligible(exchange)
+            and not fanout.authorised(exchange, target, resource_id)
+            and (fleet is None or self.registry.subscription_of(resource_id) is not None)
+        ):
+            # May these credentials read it? The upstream says, in its
+            # answer's head; a stream it opens is closed at once.
+            upstream = await self.upstream.send(exchange, target)
+            if not (200 <= upstream.status < 300 and upstream.content_type == "text/event-stream"):
+                await self.relay.relay(exchange, upstream)  # its refusal, as it came
+                return
+            upstream.close()
+            client = self.profile.credentials.of(exchange.headers, target)
+            self.registry.observe(resource_id, client)
+        if not await fanout.serve(exchange, target, resource_id):
+            await self.forward.forward(exchange, target, resource_id, None, stream=True)
 
     async def serve(
         self, exchange: Exchange, path: str, work: Callable[[], Awaitable[None]]

@@ -29,3 +29,6 @@ class ProxySettings:
     cache_stale_while_revalidate: float
     cache_max_bytes: int
     list_observe: int
+    fan_out: bool
+    fan_out_replay: int
+    fan_out_client_bytes: int

@@ -137,6 +137,14 @@ class Registry:
     def subscriptions(self) -> list[Subscription]:
         return list(self._subscriptions.values())
 
+    def subscription_of(self, resource_id: str) -> Subscription | None:
+        """This process's own stream of the resource, if it holds one."""
+        key = self.stream_key(resource_id)
+        fleet = self.fleet
+        if fleet is not None and key not in fleet.leases:
+            return None  # another replica's (or nobody's yet)
+        return self._subscriptions.get(key)
+
     # ----------------------------------------------------------- observing
     def observe(
         self, resource_id: str, client: Credentials, authorise: bool = True

@@ -31,6 +31,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from yarl import URL
@@ -40,7 +41,7 @@ from ..core.sse import EventDecoder, ServerSentEvent
 from ..http import client
 from ..http.client import UpstreamResponse
 
-__all__ = ["Backoff", "Subscription"]
+__all__ = ["Backoff", "Listener", "Subscription"]
 
 log = logging.getLogger("sidecar.subscription")
 
@@ -72,6 +73,13 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class Listener(Protocol):
+    """Who reads a subscription's events after the registry (the fan-out)."""
+
+    def event(self, sub: Subscription, sse: ServerSentEvent) -> None: ...
+    def ended(self, sub: Subscription) -> None: ...
 
 
 class Subscription:
@@ -112,6 +120,10 @@ class Subscription:
         self.fingerprint = self._credentials.fingerprint
         #: When the upstream refused it for good (monotonic), if it did.
         self.finished_at: float | None = None
+        #: The first event of the current connection (gptme: ``connected``).
+        self.first_event: ServerSentEvent | None = None
+        #: Who else reads its events, after the registry (the fan-out).
+        self.listeners: list[Listener] = []
         self._live: asyncio.Event | None = None  # made when someone waits for it
         self._task: asyncio.Task[None] | None = None
 
@@ -146,6 +158,12 @@ class Subscription:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._credentials.clear()
+        self._end_listeners()
+
+    def _end_listeners(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener.ended(self)
 
     # -------------------------------------------------------------- loop
     def _set_stream(self, stream: str) -> None:
@@ -167,6 +185,7 @@ class Subscription:
                 self.finished_at = time.monotonic()
                 self._set_stream("lost")
                 self._credentials.clear()
+                self._end_listeners()
                 return
             except asyncio.CancelledError:
                 raise
@@ -199,12 +218,21 @@ class Subscription:
             self.connects += 1
             self.decoder.reset()  # a partial event of the last connection is gone
             self.seen.clear()
+            first = True
             async for chunk in resp.content.iter_any():
                 for event in self.decoder.feed(chunk):
+                    if first:
+                        self.first_event, first = event, False
                     if self.stream != "live":
                         self._set_stream("live")
                     self.events += 1
                     self._on_event(self, event)
+                    for listener in self.listeners:
+                        try:
+                            listener.event(self, event)
+                        except Exception:
+                            # A fault of a reader's own: the stream goes on.
+                            log.exception("a listener failed", extra={"key": self.key})
         finally:
             resp.close()
 

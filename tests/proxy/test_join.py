@@ -1,5 +1,8 @@
 """A client's own event stream, opened late, is told the conversation's state first.
 
+These are the streams the sidecar proxies (fan-out off here; a fanned-out
+stream's first event is told the same way, see ``test_fanout``).
+
 gptme 0.35.1's ``connected`` describes the client's new session; through
 the sidecar its ``generating``, ``pending_tools`` and ``last_error`` are the
 conversation's. The first event is awaited only within its bounds; any
@@ -22,6 +25,18 @@ from sidecar.demo.fake import INVALID_KEY_ERROR, FakeOpencode, Outcome
 from ..conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def start_sidecar(start_sidecar):
+    """The sidecar with fan-out off: each client's stream is proxied."""
+
+    async def start(upstream: str, **overrides: Any) -> Any:
+        return await start_sidecar(upstream, **{"fan_out": False, **overrides})
+
+    return start
+
+
 EVENTS = "/api/v2/conversations/{}/events"
 
 

@@ -17,6 +17,8 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from sidecar.app import PROXY
+
 from ..chromium import Page, chromium, needs_chromium
 from . import servers
 from .test_real_gptme import Gptme
@@ -135,6 +137,10 @@ async def test_the_web_ui_opened_mid_step_shows_it_generating(
     assert state["generating"] is True  # the step still ran when the UI was read
     assert connected["session_id"] != sid  # the tab's own session, kept
     assert (connected["generating"], stop) == (not direct, not direct)
+    if not direct:
+        # The tab's EventSource (no credentials of its own: gptme takes it)
+        # was served from the sidecar's own stream.
+        assert gptme.sidecar.server.app[PROXY].fanout.served >= 1
 
 
 @pytest.mark.parametrize("direct", [False, True])

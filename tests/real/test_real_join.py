@@ -35,6 +35,9 @@ async def first_event(g: Gptme, cid: str, direct: bool = False) -> tuple[bytes, 
         assert resp.status == 200, await resp.text()
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         block = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+    if not direct:  # fanned out: the sidecar's id, then the upstream's bytes
+        id_line, _, block = block.partition(b"\n")
+        assert id_line.startswith(b"id: "), id_line
     assert block.startswith(b"data: "), block
     return block, orjson.loads(block[len(b"data: ") :])
 
@@ -53,7 +56,9 @@ async def test_a_stream_opened_mid_step_is_told_it_generates(gptme: Gptme) -> No
     assert state["generating"] is True  # still at work after the stream was read
     assert told["type"] == own["type"] == "connected"
     assert isinstance(told["session_id"], str) and told["session_id"] not in (sid, "")
-    assert told["session_id"] != own["session_id"]  # each stream: a new session
+    # Direct, each stream makes a session; through the sidecar (fanned out)
+    # every client is told the sidecar's own.
+    assert told["session_id"] != own["session_id"]
     if gptme.modern:
         assert own["generating"] is False  # the new session's, not the conversation's
         assert told["generating"] is True
