@@ -14,7 +14,8 @@ client gets, in order:
 
 **Resume.** An id is ``<epoch>-<n>``: the hub's epoch (new with each
 subscription, so with each process) and the event's number in it. The hub
-keeps the last ``replay_events`` events (at most ``replay_bytes``); a client
+keeps the last ``replay_events`` events (at most ``replay_bytes``, and all
+hubs together at most ``replay_total_bytes``); a client
 that comes back with ``Last-Event-ID`` gets exactly those after its id, in
 order, and nothing twice. An id the buffer no longer holds, or of another
 epoch, gets the current first event (as a late joiner) and then an event of
@@ -70,6 +71,20 @@ class FanOutSettings:
     client_bytes: int = 4 * 1024 * 1024
     #: How long a client's request waits for the stream to be live.
     live_wait: float = 2.0
+    #: The replay buffers of all hubs together: past it, the hub holding the
+    #: most lets its oldest events go (one hub per subscription, up to
+    #: max_subscriptions of them, would otherwise hold replay_bytes each).
+    replay_total_bytes: int = 64 * 1024 * 1024
+
+
+class _Budget:
+    """Bytes the replay buffers of every hub hold together, and the hubs."""
+
+    __slots__ = ("held", "hubs")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.hubs: set[Hub] = set()
 
 
 def render(sse: ServerSentEvent, event_id: str | None = None) -> bytes:
@@ -217,8 +232,11 @@ class Hub:
         sub: Subscription,
         settings: FanOutSettings,
         tell_first: Callable[[bytes], bytes | None],
+        budget: _Budget | None = None,
     ) -> None:
         self.sub = sub
+        self._budget = budget if budget is not None else _Budget()
+        self._budget.hubs.add(self)
         self.epoch = secrets.token_hex(4)
         self.settings = settings
         self._tell_first = tell_first
@@ -302,14 +320,29 @@ class Hub:
 
     def _keep(self, seq: int, data: bytes) -> None:
         buffer = self._buffer
+        budget = self._budget
         buffer.append((seq, data))
         self._buffer_bytes += len(data)
+        budget.held += len(data)
         settings = self.settings
         while buffer and (
             len(buffer) > settings.replay_events or self._buffer_bytes > settings.replay_bytes
         ):
-            _, old = buffer.popleft()
-            self._buffer_bytes -= len(old)
+            self._forget_oldest()
+        while budget.held > settings.replay_total_bytes:
+            max(budget.hubs, key=lambda hub: hub._buffer_bytes)._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        _, old = self._buffer.popleft()
+        self._buffer_bytes -= len(old)
+        self._budget.held -= len(old)
+
+    def release(self) -> None:
+        """The hub is gone: its buffer no longer counts."""
+        self._budget.held -= self._buffer_bytes
+        self._budget.hubs.discard(self)
+        self._buffer.clear()
+        self._buffer_bytes = 0
 
     def _told(self, block: bytes) -> bytes:
         try:
@@ -341,6 +374,7 @@ class FanOut:
         self._tell = tell
         self.via = via
         self.hubs: dict[str, Hub] = {}
+        self.budget = _Budget()
         self.closing = False
         self.served = 0
 
@@ -361,10 +395,11 @@ class FanOut:
             return hub
         if hub is not None:
             hub.ended(hub.sub)
+            hub.release()
         for key in [k for k, h in self.hubs.items() if h.sub.finished]:
-            del self.hubs[key]  # their subscriptions are gone
+            self.hubs.pop(key).release()  # their subscriptions are gone
         hub = self.hubs[resource_id] = Hub(
-            sub, self.settings, lambda block: self._tell(resource_id, block)
+            sub, self.settings, lambda block: self._tell(resource_id, block), self.budget
         )
         return hub
 

@@ -243,3 +243,32 @@ async def test_a_client_joining_mid_step_is_told_it_generates(gptme, http) -> No
     assert connected["type"] == "connected" and connected["generating"] is True
     # The sidecar's own session, as the upstream named it.
     assert connected["session_id"] in g.fake.sessions and connected["session_id"] != sid
+
+
+def test_the_replay_buffers_of_every_conversation_are_bounded_together() -> None:
+    """Each conversation's buffer keeps replay_bytes at most, and all of
+    them together replay_total_bytes: past it, the hub holding the most lets
+    its oldest events go, so many streams cannot hold replay_bytes each."""
+    from types import SimpleNamespace
+
+    from sidecar.core.sse import ServerSentEvent
+    from sidecar.proxy.fanout import FanOutSettings, Hub, _Budget
+
+    settings = FanOutSettings(replay_bytes=10_000, replay_total_bytes=15_000)
+    budget = _Budget()
+    hubs = []
+    for n in range(3):
+        sub = SimpleNamespace(listeners=[], first_event=None, key=f"c{n}")
+        hub = Hub(sub, settings, lambda block: None, budget)  # type: ignore[arg-type]
+        hubs.append(hub)
+        for _ in range(100):
+            hub.event(sub, ServerSentEvent(data="x" * 200))  # type: ignore[arg-type]
+        assert hub._buffer_bytes <= settings.replay_bytes
+    assert budget.held <= settings.replay_total_bytes
+    assert budget.held == sum(h._buffer_bytes for h in hubs)
+    # The newest events of the newest hub are the ones kept: a client of it
+    # that missed the last one gets it.
+    last = hubs[-1]
+    assert last._missed(last.event_id(last.seq - 1)) == [last._buffer[-1][1]]
+    hubs[0].release()
+    assert budget.held == sum(h._buffer_bytes for h in hubs[1:])
