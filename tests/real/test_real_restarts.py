@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ class SidecarProcess:
         self.proc.send_signal(sig)
         await asyncio.wait_for(self.proc.wait(), 30)
         self.proc = None
+
+    async def kill(self) -> None:
+        """Whatever a scenario left running, ended (its failure included)."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await asyncio.wait_for(proc.wait(), 10)
 
 
 class Client:
@@ -132,21 +140,25 @@ def server(request: pytest.FixtureRequest) -> tuple[str, servers.Process]:
     return name, request.getfixturevalue(fixture).running()
 
 
+@pytest.fixture
 async def started(
     server: tuple[str, servers.Process], http: aiohttp.ClientSession, tmp_path: Path
-) -> tuple[SidecarProcess, Client]:
+) -> AsyncIterator[tuple[SidecarProcess, Client]]:
     name, upstream = server
     kind = "opencode" if name == "opencode" else "gptme"
     sidecar = SidecarProcess(upstream, tmp_path / "state.db", kind)
-    await sidecar.start(http)
-    return sidecar, Client(kind, upstream, http)
+    try:
+        await sidecar.start(http)
+        yield sidecar, Client(kind, upstream, http)
+    finally:
+        await sidecar.kill()
 
 
 @pytest.mark.parametrize("signame", list(SIGNALS))
 async def test_a_failure_reads_the_same_after_a_restart(
-    server: tuple[str, servers.Process], signame: str, http: aiohttp.ClientSession, tmp_path: Path
+    started: tuple[SidecarProcess, Client], signame: str, http: aiohttp.ClientSession
 ) -> None:
-    sidecar, client = await started(server, http, tmp_path)
+    sidecar, client = started
     rid = await client.start_work(sidecar.url, "401")
     before = await client.wait(sidecar.url, rid, "failed")
     await asyncio.sleep(0.3)  # written: the store flushes every 0.1 s
@@ -162,9 +174,9 @@ async def test_a_failure_reads_the_same_after_a_restart(
 
 @pytest.mark.parametrize("signame", list(SIGNALS))
 async def test_a_step_in_flight_across_a_restart_goes_on_to_its_end(
-    server: tuple[str, servers.Process], signame: str, http: aiohttp.ClientSession, tmp_path: Path
+    started: tuple[SidecarProcess, Client], signame: str, http: aiohttp.ClientSession
 ) -> None:
-    sidecar, client = await started(server, http, tmp_path)
+    sidecar, client = started
     rid = await client.start_work(sidecar.url, "medium")  # 4 s of tokens
     await client.wait(sidecar.url, rid, "generating")
     await asyncio.sleep(0.3)
