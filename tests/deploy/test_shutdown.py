@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import aiohttp
+import pytest
 
 from sidecar.demo.fake import FakeGptme, Outcome
 
@@ -23,7 +24,11 @@ async def wait_listening(http: aiohttp.ClientSession, url: str) -> None:
     raise AssertionError(f"nothing listened at {url}")
 
 
-async def test_sigterm_drains_in_flight_work_and_exits_zero(serve) -> None:
+@pytest.mark.parametrize("fan_out", ["--no-fan-out", "--fan-out"])
+async def test_sigterm_drains_in_flight_work_and_exits_zero(serve, fan_out: str) -> None:
+    """The client's event stream is a passthrough (fan-out off), or served
+    from the sidecar's own subscription (fan-out on, its stream live): either
+    way it ends cleanly."""
     # 0.35.1 holds /step until the first token: an in-flight request of ~1 s.
     fake = FakeGptme("0.35.1", outcome=Outcome(start_delay=1.0, tokens=3))
     upstream = str((await serve(fake.app)).make_url("")).rstrip("/")
@@ -40,6 +45,7 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(serve) -> None:
         "5",
         "--probe-interval",
         "0.1",
+        fan_out,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -51,8 +57,21 @@ async def test_sigterm_drains_in_flight_work_and_exits_zero(serve) -> None:
                 sid = (await resp.json())["session_id"]
             async with http.get(admin + "/readyz") as resp:
                 assert resp.status == 200
+            if fan_out == "--fan-out":
+                # Observed, and its stream live: a client's stream is fanned out.
+                for _ in range(100):
+                    async with http.get(base + "/api/v2/conversations/c1") as resp:
+                        if (await resp.json())["session"]["stream"] == "live":
+                            break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise AssertionError("the sidecar's stream never went live")
             stream = await http.get(base + f"/api/v2/conversations/c1/events?session_id={sid}")
-            assert (await stream.content.readline()).startswith(b"data: ")
+            first = await asyncio.wait_for(stream.content.readline(), 5)
+            if fan_out == "--no-fan-out":
+                assert first.startswith(b"data: "), first  # gptme's own bytes
+            else:
+                assert first.startswith(b"id: "), first  # an id of the sidecar's
             step = asyncio.create_task(
                 http.post(base + "/api/v2/conversations/c1/step", json={"session_id": sid})
             )
