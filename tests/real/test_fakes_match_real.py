@@ -86,15 +86,25 @@ async def run_gptme(
     return types
 
 
-async def _quiet(witness: Witness, for_seconds: float = 1.0, at_most: float = 20.0) -> None:
-    """Wait until no event (pings aside) came for a while: the scenario is over."""
+#: What ends a generation: after the last ``generation_started``, one of these.
+ENDS = frozenset({"generation_complete", "error", "interrupted", "tool_pending"})
+
+
+async def _quiet(witness: Witness, for_seconds: float = 1.0, at_most: float = 30.0) -> None:
+    """Wait until the last generation has ended and no event (pings aside)
+    came for a while: the scenario is over. (A quiet second alone is not
+    enough on a busy machine: a model call that fails late left a real
+    server's run cut after ``generation_started``.)"""
     deadline = time.monotonic() + at_most
     while time.monotonic() < deadline:
+        types = witness.types()
+        started = max((i for i, t in enumerate(types) if t == "generation_started"), default=-1)
+        ended = started < 0 or any(t in ENDS for t in types[started + 1 :])
         last = max(
             (at for at, e in witness.events if e.get("type") not in ("ping", "server.heartbeat")),
             default=0.0,
         )
-        if time.monotonic() - last >= for_seconds:
+        if ended and time.monotonic() - last >= for_seconds:
             return
         await asyncio.sleep(0.1)
 
