@@ -33,12 +33,11 @@ sys.path.insert(0, str(HERE))
 
 from run import (  # noqa: E402
     LABELS,
-    NGINX_CONF,
-    STATIC_CONF,
     Processes,
     _baseline_source,
     _median,
     free_port,
+    start_nginx,
     wait_port,
     wrk,
 )
@@ -96,17 +95,7 @@ def main() -> int:
         try:
             procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(ev_port))
             wait_port(ev_port)
-            (tmp / "up").mkdir()
-            (tmp / "up" / "nginx.conf").write_text(
-                STATIC_CONF.format(tmp=tmp / "up", events=ev_port, port=up_port).replace(
-                    f"root {tmp / 'up'}/static", f"root {tmp / 'static'}"
-                )
-            )
-            procs.start(nginx, "-p", str(tmp / "up"), "-c", str(tmp / "up" / "nginx.conf"))
-            (tmp / "nginx.conf").write_text(
-                NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
-            )
-            procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
+            start_nginx(procs, nginx, tmp, tmp / "static", ev_port, up_port, nx_port)
             cache = ("--store", "memory", "--cache", args.cache)
             procs.start_sidecar(up_port, fronts[me], *cache)
             if args.baseline:

@@ -290,6 +290,22 @@ async def idle_memory(sidecar: str, pid: int, count: int, warm: int = 100) -> fl
     return (after - before) / count
 
 
+def start_nginx(
+    procs: Processes, nginx: str, tmp: Path, static: Path, ev_port: int, up_port: int, nx_port: int
+) -> None:
+    """nginx serving ``static`` (falling back to bench/upstream.py on ``ev_port``)
+    on ``up_port``, and nginx as a proxy in front of it on ``nx_port``."""
+    (tmp / "up").mkdir()
+    (tmp / "up" / "nginx.conf").write_text(
+        STATIC_CONF.format(tmp=tmp / "up", events=ev_port, port=up_port).replace(
+            f"root {tmp / 'up'}/static", f"root {static}"
+        )
+    )
+    procs.start(nginx, "-p", str(tmp / "up"), "-c", str(tmp / "up" / "nginx.conf"))
+    (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port))
+    procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
+
+
 def merge_ms(size_label: str) -> float:
     size = {"2 KiB": 2048, "64 KiB": 65536, "1 MiB": 1 << 20}[size_label]
     body = conversation(size, False)
@@ -363,17 +379,7 @@ def main() -> int:
         try:
             procs.start(sys.executable, str(HERE / "upstream.py"), "--port", str(ev_port))
             wait_port(ev_port)
-            (tmp / "up").mkdir()
-            (tmp / "up" / "nginx.conf").write_text(
-                STATIC_CONF.format(tmp=tmp / "up", events=ev_port, port=up_port).replace(
-                    f"root {tmp / 'up'}/static", f"root {static}"
-                )
-            )
-            procs.start(nginx, "-p", str(tmp / "up"), "-c", str(tmp / "up" / "nginx.conf"))
-            (tmp / "nginx.conf").write_text(
-                NGINX_CONF.format(tmp=tmp, upstream=up_port, port=nx_port)
-            )
-            procs.start(nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf"))
+            start_nginx(procs, nginx, tmp, static, ev_port, up_port, nx_port)
             sqlite = ("--store", f"sqlite:{tmp / 'state.db'}")
             procs.start_sidecar(
                 up_port, ports["before"], "--store", f"sqlite:{tmp / 'before.db'}",
