@@ -645,9 +645,7 @@ class Cache:
             exchange.version,
         )
         if entry.head_for is not snap or entry.head_said != said:
-            if entry.merged_for is not snap:
-                merged = merge(entry.body, self.key, snap)
-                cache.remerged(entry, snap, encode_body(merged, entry.encoding))
+            self._merge_for(entry, snap)
             headers, digest = self._headers(exchange, conv, entry, self._hit_status(entry))
             headers["Content-Length"] = str(len(entry.merged))
             head = render_head(entry.status, entry.reason, headers)
@@ -668,9 +666,7 @@ class Cache:
         """A cached body merged with the snapshot as it is now (or a 304 if
         the client holds this very answer), as it is to be sent."""
         snap = conv.snapshot
-        if entry.merged_for is not snap:
-            merged = merge(entry.body, self.key, snap)
-            self.store.remerged(entry, snap, encode_body(merged, entry.encoding))
+        self._merge_for(entry, snap)
         out = entry.merged
         headers, digest = self._headers(exchange, conv, entry, cache_status)
         conv.remember_served(digest, conv.epoch)
@@ -683,6 +679,12 @@ class Cache:
             return 304, None, headers, b""
         headers["Content-Length"] = str(len(out))
         return entry.status, entry.reason, headers, out
+
+    def _merge_for(self, entry: Entry, snap: Snapshot) -> None:
+        """The entry's body merged with ``snap`` (kept: done once per snapshot)."""
+        if entry.merged_for is not snap:
+            merged = merge(entry.body, self.key, snap)
+            self.store.remerged(entry, snap, encode_body(merged, entry.encoding))
 
     def _headers(
         self, exchange: Exchange, conv: Conversation, entry: Entry, cache_status: str
