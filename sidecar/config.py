@@ -287,6 +287,13 @@ OPTIONS: tuple[Option, ...] = (
         "while the upstream is asked again in the background (0: the poller waits)",
         _at_least_zero,
     ),
+    Option(
+        "cache_revalidations",
+        int,
+        "background revalidations asked of the upstream at once, at most (the others wait "
+        "their turn, their entries served stale meanwhile)",
+        _count,
+    ),
     Option("cache_max_bytes", int, "bytes the response cache holds at most", _count),
     Option(
         "list_observe",
@@ -480,6 +487,7 @@ class Settings:
     cache: str = "off"
     cache_max_age: float = 5.0
     cache_stale_while_revalidate: float = 5.0
+    cache_revalidations: int = 4
     cache_max_bytes: int = 64 * 1024 * 1024
     list_observe: int = 10
     fan_out: bool = True

@@ -138,6 +138,9 @@ class FakeGptme:
         self.outcome = outcome or Outcome()
         #: Seconds a conversation's GET takes (the real server's is ~70 ms at 64 KiB).
         self.get_delay = get_delay
+        #: Conversation GETs being answered now (while delayed), and the most so far.
+        self.gets_at_once = 0
+        self.most_gets_at_once = 0
         self.conversations: dict[str, Conversation] = {}
         self.sessions: dict[str, Session] = {}
         self.silent = False
@@ -306,7 +309,12 @@ class FakeGptme:
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         if self.get_delay:
-            await asyncio.sleep(self.get_delay)
+            self.gets_at_once += 1
+            self.most_gets_at_once = max(self.most_gets_at_once, self.gets_at_once)
+            try:
+                await asyncio.sleep(self.get_delay)
+            finally:
+                self.gets_at_once -= 1
         cid = request.match_info["id"]
         conv = self.conversations.get(cid)
         if conv is None:

@@ -242,7 +242,8 @@ class _CacheCollector(Collector):
             "a content event or a write since, stream: not live throughout, vary), bypass "
             "(not_live, no_cache: the client asked, unauthorised), revalidated (not_modified, "
             "modified: the upstream's answer to the entry's validator), background (the "
-            "sidecar's own revalidations: not_modified, refreshed, not_stored, failed).",
+            "sidecar's own revalidations: not_modified, refreshed, not_stored, failed, "
+            "superseded: overtaken by an event while it waited its turn).",
             ("result", "reason"),
             cache.counts,
         )

@@ -158,7 +158,8 @@ class ResponseCache:
         #: Answers by (result, reason): hit (fresh, stale, collapsed), miss
         #: (absent, expired, content, stream, vary), bypass (why),
         #: revalidated (not_modified, modified), and background revalidations
-        #: (background: not_modified, refreshed, not_stored, failed).
+        #: (background: not_modified, refreshed, not_stored, failed,
+        #: superseded).
         self.counts: Counter[tuple[str, str]] = Counter()
 
     def __len__(self) -> int:
@@ -169,6 +170,10 @@ class ResponseCache:
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
+
+    def peek(self, key: Key) -> Entry | None:
+        """The entry for ``key``, not counted as a use."""
+        return self._entries.get(key)
 
     def age(self, entry: Entry) -> float:
         """Seconds since the entry was stored (or last validated by the upstream)."""
@@ -383,20 +388,34 @@ class Cache:
     """When a kept answer may answer an enrich GET, and how one is kept."""
 
     def __init__(
-        self, store: ResponseCache, *, key: str, registry: Registry, counts: Counts, via: str
+        self,
+        store: ResponseCache,
+        *,
+        key: str,
+        registry: Registry,
+        counts: Counts,
+        via: str,
+        revalidations: int = 4,
     ):
-        """``key``: the profile's merge key; ``registry``: whose tags are current."""
+        """``key``: the profile's merge key; ``registry``: whose tags are
+        current; ``revalidations``: background revalidations asked of the
+        upstream at once, at most."""
         self.store = store
         self.key = key
         self.registry = registry
         self.counts = counts
         self.via = via
         #: How a stale entry is asked for again in the background (set by the
-        #: enrich pipeline, which asks the upstream), and those running.
+        #: enrich pipeline, which asks the upstream), and those running or
+        #: waiting their turn.
         self.revalidator: Callable[[Exchange, str, Conversation, Fill], Awaitable[None]] | None = (
             None
         )
         self._background: set[asyncio.Task[None]] = set()
+        #: Entries stored together expire together: their revalidations take
+        #: turns (first come, first asked) rather than reach the upstream
+        #: all at once, each entry served stale meanwhile.
+        self._turns = asyncio.Semaphore(max(1, revalidations))
 
     def count(self, result: str, reason: str) -> None:
         self.store.counts[(result, reason)] += 1
@@ -531,8 +550,7 @@ class Cache:
         entry.revalidating = True
         fill = Fill(self.store, key, baseline, "stale", "background", True, entry)
         fill.background = True
-        fill.future = self.store.fetching(key, baseline)
-        task = asyncio.ensure_future(self.revalidator(Detached(exchange), target, conv, fill))
+        task = asyncio.ensure_future(self._in_turn(Detached(exchange), target, conv, fill))
         self._background.add(task)
 
         def finished(done: asyncio.Task[None]) -> None:
@@ -549,6 +567,22 @@ class Cache:
                 )
 
         task.add_done_callback(finished)
+
+    async def _in_turn(
+        self, exchange: Exchange, target: str, conv: Conversation, fill: Fill
+    ) -> None:
+        """One background revalidation, once the upstream has a turn for it;
+        none if an event, a reconnect or a newer answer overtook the entry
+        while it waited (the next poll asks the upstream anyway). Only once
+        sent may a poll wait for its answer: one that finds the entry past
+        the stale bound while it still waits asks the upstream itself."""
+        assert self.revalidator is not None and fill.baseline is not None
+        async with self._turns:
+            if self.baseline(conv) != fill.baseline or self.store.peek(fill.key) is not fill.entry:
+                self.count("background", "superseded")
+                return
+            fill.future = self.store.fetching(fill.key, fill.baseline)
+            await self.revalidator(exchange, target, conv, fill)
 
     def close(self) -> None:
         """Background revalidations end with the process."""

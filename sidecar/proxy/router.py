@@ -101,7 +101,14 @@ class Proxy:
             else None
         )
         policy = (
-            Cache(self.cache, key=profile.key, registry=registry, counts=counts, via=self.via)
+            Cache(
+                self.cache,
+                key=profile.key,
+                registry=registry,
+                counts=counts,
+                via=self.via,
+                revalidations=settings.cache_revalidations,
+            )
             if self.cache is not None
             else None
         )

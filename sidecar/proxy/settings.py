@@ -27,6 +27,7 @@ class ProxySettings:
     cache: str
     cache_max_age: float
     cache_stale_while_revalidate: float
+    cache_revalidations: int
     cache_max_bytes: int
     list_observe: int
     fan_out: bool

@@ -328,10 +328,12 @@ async def cache_count(g: Any, result: str, reason: str) -> float:
     return float(found[0].split()[-1]) if found else 0.0
 
 
-async def counted(g: Any, result: str, reason: str, timeout: float = 5.0) -> None:
-    """Wait, bounded, until the cache has counted one of (result, reason)."""
+async def counted(
+    g: Any, result: str, reason: str, timeout: float = 5.0, at_least: int = 1
+) -> None:
+    """Wait, bounded, until the cache has counted ``at_least`` of (result, reason)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while await cache_count(g, result, reason) < 1:
+    while await cache_count(g, result, reason) < at_least:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"no {result}/{reason} counted within {timeout} s")
         await asyncio.sleep(0.02)
@@ -381,6 +383,55 @@ async def test_a_background_revalidation_with_the_upstreams_tag_refreshes_the_en
     resp, _ = await fetch(g, "c1")
     assert resp.headers["Cache-Status"].startswith("sidecar; hit; ttl=")
     assert "stale-while-revalidate" not in resp.headers["Cache-Status"]
+
+
+async def test_entries_that_expire_together_are_revalidated_in_turns(gptme) -> None:
+    """A cache's worth of entries stored at once expire at once: the upstream
+    gets their revalidations ``cache_revalidations`` at a time, and every
+    poller is answered at once meanwhile."""
+    options = {**CACHE, "cache_max_age": 0.5, "cache_revalidations": 2}
+    g = await gptme(sidecar_options=options)
+    ids = [f"c{i}" for i in range(6)]
+    for cid in ids:
+        await g.create(cid)
+        await cached(g, cid)
+        g.fake.conversations[cid].log.append({"role": "user", "content": "unannounced"})
+    await asyncio.sleep(0.55)
+    g.fake.get_delay = 0.2
+    answers = await asyncio.gather(*(fetch(g, cid) for cid in ids))
+    for resp, _ in answers:
+        assert "stale-while-revalidate" in resp.headers["Cache-Status"]
+    await eventually(lambda: g.fake.most_gets_at_once == 2)
+    await counted(g, "background", "refreshed", timeout=10, at_least=len(ids))
+    assert g.fake.most_gets_at_once == 2
+    for cid in ids:
+        resp, body = await fetch(g, cid)
+        assert "stale-while-revalidate" not in resp.headers["Cache-Status"]
+        assert body["log"][-1]["content"] == "unannounced"
+
+
+async def test_a_revalidation_overtaken_while_it_waits_its_turn_is_not_sent(gptme) -> None:
+    options = {**CACHE, "cache_max_age": 0.3, "cache_revalidations": 1}
+    g = await gptme(sidecar_options=options)
+    for cid in ("c1", "c2"):
+        await g.create(cid)
+        await cached(g, cid)
+    await asyncio.sleep(0.35)
+    g.fake.get_delay = 0.3
+    await fetch(g, "c1")  # its revalidation takes the one turn...
+    await fetch(g, "c2")  # ...and c2's waits for it
+    gets = upstream_gets(g, "c2")
+    async with g.http.post(
+        g.url("/api/v2/conversations/c2"),
+        json={"role": "user", "content": "announced"},
+        headers=g.headers,
+    ) as posted:
+        assert posted.status == 200, await posted.text()
+    await counted(g, "background", "superseded")
+    assert upstream_gets(g, "c2") == gets  # c2's stale answer was never asked for again
+    resp, body = await fetch(g, "c2")
+    assert "detail=content" in resp.headers["Cache-Status"]
+    assert body["log"][-1]["content"] == "announced"
 
 
 async def test_past_the_stale_bound_the_poller_waits_for_the_upstream(gptme) -> None:
