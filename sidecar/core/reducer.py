@@ -136,6 +136,7 @@ def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: flo
         snap.retry,
     ):
         return snap
+    moved = snap.touched(now)
     return replace(
         snap,
         status=status,
@@ -143,7 +144,8 @@ def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: flo
         pending_tools=tools,
         retry=retry,
         state_seq=snap.state_seq + 1,
-        **snap.touched(now),
+        state_at=moved["updated_at"],
+        **moved,
     )
 
 
@@ -270,12 +272,14 @@ def fail_trigger(snap: Snapshot, token: int, error: str, now: float) -> Snapshot
 
 def fail(snap: Snapshot, error: str, now: float) -> Snapshot:
     """End the work as failed: the evidence that it runs is gone."""
+    moved = snap.touched(now)
     return replace(
         snap,
         status="failed",
         last_error=error,
         state_seq=snap.state_seq + 1,
-        **snap.touched(now),
+        state_at=moved["updated_at"],
+        **moved,
     )
 
 

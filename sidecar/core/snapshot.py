@@ -162,6 +162,10 @@ class Snapshot:
     #: Bumped only by changes of the work's state (status, error, tools), so
     #: a trigger's late answer can tell whether events overtook it.
     state_seq: int = 0
+    #: Wall-clock time of the last of those changes (``updated_at`` moves
+    #: with the stream too, and when a replica learns a state): which of two
+    #: replicas' states is the newer outcome, after Redis lost both.
+    state_at: float | None = None
 
     @property
     def generating(self) -> bool | None:
@@ -209,6 +213,7 @@ class Snapshot:
             "updated_at": self.updated_at,
             "version": self.version,
             "state_seq": self.state_seq,
+            "state_at": self.state_at,
         }
 
     @classmethod
@@ -224,6 +229,7 @@ class Snapshot:
             updated_at=kept.get("updated_at"),
             version=int(kept.get("version") or 0),
             state_seq=int(kept.get("state_seq") or 0),
+            state_at=kept.get("state_at"),
             stream=stream if stream in STREAM_STATES else "connecting",
         )
 

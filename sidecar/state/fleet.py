@@ -39,7 +39,11 @@ reads them there; Redis holds the shared copy and decides who does what:
   renewed, not mistaken for another's), merges what it saw meanwhile into
   the shared copy by compare-and-set (the newer of the two by ``updated_at``,
   so a step accepted elsewhere since is kept), and hands the rest back to
-  their holders.
+  their holders. What Redis lost (restarted empty or from an older save) is
+  written back by every replica that knew newer (by when the work's state
+  last changed, ``state_at``: a logical date every replica carries with the
+  state), not only by the holders: the holder that saw a step end may be the
+  replica that was killed.
 
 * **Nothing read back is trusted**: every hash, lease value, set member and
   channel message is checked (:mod:`sidecar.records`) before use. A record
@@ -458,17 +462,57 @@ class RedisStore(Store):
             self.touch(resource_id)  # its body may have changed meanwhile, unseen by Redis
         self._touched_alone.clear()
 
-    def _merge_seen(self, conv: Conversation, lease: str) -> None:
-        """What this replica's stream showed while it was alone, merged into
-        the shared copy: the newer of the two wins (a step accepted on
-        another replica since Redis came back is not overwritten)."""
-        seen = conv.snapshot
+    def _write_back(self, conv: Conversation, seen: Snapshot) -> None:
+        """What this replica knew of a conversation it does not hold, written
+        back if Redis came back without it, or with an older state (restarted
+        empty, or from an older save): the holder that saw the newest outcome
+        may be gone (killed while Redis was down), and the first replica
+        back may have missed its announcement; every replica that heard of
+        it then writes it, by compare-and-set, and the newest state wins.
+        Nothing is written for what this replica knows nothing of."""
+        view = conv.view
+        if view is None or seen.status == "unknown":
+            return
+        shared = view.base
+        if (
+            shared is not None
+            and shared.status != "unknown"
+            and _state_date(shared) >= _state_date(seen)
+        ):
+            return
+        self._merge_seen(conv, "", seen)
+
+    def _merge_seen(self, conv: Conversation, lease: str, seen: Snapshot | None = None) -> None:
+        """What this replica's stream showed while it was alone (or ``seen``:
+        what it knew), merged into the shared copy by compare-and-set: the
+        newer *state* wins, by when the work's state last changed
+        (``state_at``), not by ``updated_at``, which moves whenever a replica
+        learns a state or its stream changes (the first replica back after
+        Redis lost everything may write an older outcome, dated now). A step
+        accepted on another replica since Redis came back is newer, and kept.
+        What is written is dated after what it replaces: no reader sees the
+        time go back."""
+        if seen is None:
+            seen = conv.snapshot
+        known = seen
 
         def newer(shared: Snapshot) -> Snapshot:
-            if shared.status != "unknown" and (shared.updated_at or 0) > (seen.updated_at or 0):
-                return shared
+            if shared.status != "unknown":
+                if _state_date(shared) > _state_date(known):
+                    return shared
+                if (
+                    not lease
+                    and _state_date(shared) == _state_date(known)
+                    and (shared.updated_at or 0) >= (known.updated_at or 0)
+                ):
+                    return shared  # the same state, as told since: nothing to add
             # Not the holder: its own stream was closed, the holder's says how the stream is.
-            return seen if lease else dataclasses.replace(seen, stream=shared.stream)
+            merged = known if lease else dataclasses.replace(known, stream=shared.stream)
+            if shared.updated_at is not None and (merged.updated_at or 0) <= shared.updated_at:
+                moved = shared.touched()
+                moved["version"] = max(merged.version, shared.version) + 1
+                merged = dataclasses.replace(merged, **moved)
+            return merged
 
         self.enqueue(conv, Change(newer, lease))
 
@@ -1114,6 +1158,12 @@ class RedisStore(Store):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await asyncio.gather(*waiting)
+
+
+def _state_date(snap: Snapshot) -> float:
+    """When the work's state last changed (records of older versions: their
+    last change of any kind)."""
+    return snap.state_at if snap.state_at is not None else (snap.updated_at or 0.0)
 
 
 def _take(view: View, record: SharedRecord) -> None:

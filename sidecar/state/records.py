@@ -248,6 +248,7 @@ def snapshot(kept: Any, limit: int, stream: Any = "connecting") -> Snapshot:
         updated_at=_time(kept.get("updated_at"), "updated_at"),
         version=count(kept.get("version") or 0, "version"),
         state_seq=count(kept.get("state_seq") or 0, "state_seq"),
+        state_at=_time(kept.get("state_at"), "state_at"),
     )
 
 

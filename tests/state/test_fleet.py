@@ -380,6 +380,66 @@ async def test_redis_stopped_and_started_mid_run(
         raise AssertionError(f"{exc}: {said}") from None
 
 
+async def test_the_newer_outcome_wins_after_redis_restarted_empty_and_its_watcher_killed(
+    fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer
+) -> None:
+    """While Redis was down, a step failed; its watcher was killed before
+    Redis came back, empty. The first replica back, frozen all along, knew
+    only the step before (completed) and wrote it, dated now. The replica
+    that saw the failure then merges it in: the newer *state* wins (by when
+    the work's state changed, not by the date of the write), on every
+    replica, the killed one restarted too."""
+    f = await fleet(outcome=Outcome(tokens=5, pace=0.01))
+    sid = await f.put(f.replicas[0], "forgotten")
+    for replica in f.replicas:
+        await f.session(replica, "forgotten")
+    await eventually(lambda: _all_live(f, "forgotten"), timeout=5)
+    watcher = await f.holder()
+    saw, missed = [r for r in f.replicas if r is not watcher]
+    await f.step(saw, "forgotten", sid)
+    await eventually(lambda: _all(f, "forgotten", "completed"), timeout=10)
+
+    async def degraded(replica: Replica, now: bool) -> bool:
+        return bool((await replica.ready(f.http))["store"]["degraded"]) == now
+
+    missed.signal(signal.SIGSTOP)
+    try:
+        redis_server.stop()
+        for replica in (watcher, saw):
+            await eventually(lambda r=replica: degraded(r, True), timeout=LEASE_TTL + 3)  # type: ignore[misc]
+        f.fake.outcome = Outcome(kind="error")
+        await f.step(saw, "forgotten", sid)
+        f.replicas = [watcher, saw]
+        await eventually(lambda: _all(f, "forgotten", "failed"), timeout=10)
+        failed = summary(await f.session(saw, "forgotten"))
+        watcher.kill()
+        await asyncio.wait_for(watcher.proc.wait(), 10)  # type: ignore[union-attr]
+        saw.signal(signal.SIGSTOP)
+        redis_server.start()  # empty
+    finally:
+        missed.signal(signal.SIGCONT)
+    try:
+        # The frozen replica is back first, and writes the step before.
+        await eventually(lambda: degraded(missed, False), timeout=LEASE_TTL + 10)
+        assert summary(await f.session(missed, "forgotten"))[0] == "completed"
+        await eventually(lambda: _metric_is(missed, f.http, "sidecar_fleet_leases", 1), timeout=10)
+    finally:
+        saw.signal(signal.SIGCONT)
+    await eventually(lambda: degraded(saw, False), timeout=LEASE_TTL + 10)
+    await watcher.start(f.http)  # back, with nothing in memory
+    f.replicas = [saw, missed, watcher]
+
+    async def everywhere() -> bool:
+        return all(summary(s) == failed for s in await f.sessions("forgotten"))
+
+    try:
+        await eventually(everywhere, timeout=LEASE_TTL + 5)
+    except AssertionError:
+        raise AssertionError(
+            f"{failed} not read everywhere: {await f.sessions('forgotten')}"
+        ) from None
+
+
 async def test_a_partitioned_replica_whose_lease_expired_cannot_write(
     fleet: Callable[..., Awaitable[Fleet]],
 ) -> None:
