@@ -34,6 +34,16 @@ async def fetch(g: Any, cid: str, **headers: str) -> tuple[aiohttp.ClientRespons
         return resp, (await resp.json() if resp.status == 200 else {})
 
 
+async def announce(g: Any, cid: str, content: str) -> None:
+    """A message appended through the sidecar (a write: the body's version moves)."""
+    async with g.http.post(
+        g.url(f"/api/v2/conversations/{cid}"),
+        json={"role": "user", "content": content},
+        headers=g.headers,
+    ) as posted:
+        assert posted.status == 200, await posted.text()
+
+
 async def cached(g: Any, cid: str) -> None:
     """Read until the stream is live and an answer is stored."""
     await g.get(cid)
@@ -421,12 +431,7 @@ async def test_a_revalidation_overtaken_while_it_waits_its_turn_is_not_sent(gptm
     await fetch(g, "c1")  # its revalidation takes the one turn...
     await fetch(g, "c2")  # ...and c2's waits for it
     gets = upstream_gets(g, "c2")
-    async with g.http.post(
-        g.url("/api/v2/conversations/c2"),
-        json={"role": "user", "content": "announced"},
-        headers=g.headers,
-    ) as posted:
-        assert posted.status == 200, await posted.text()
+    await announce(g, "c2", "announced")
     await counted(g, "background", "superseded")
     assert upstream_gets(g, "c2") == gets  # c2's stale answer was never asked for again
     resp, body = await fetch(g, "c2")
@@ -457,12 +462,7 @@ async def test_no_stale_answer_after_a_content_event_nor_for_a_younger_max_age(g
     await asyncio.sleep(0.25)
     # ...or a content event came: the events say the body changed, so a
     # stale answer is never served, however young.
-    async with g.http.post(
-        g.url("/api/v2/conversations/c1"),
-        json={"role": "user", "content": "announced"},
-        headers=g.headers,
-    ) as posted:
-        assert posted.status == 200, await posted.text()
+    await announce(g, "c1", "announced")
     resp, body = await fetch(g, "c1")
     assert "detail=content" in resp.headers["Cache-Status"]
     assert body["log"][-1]["content"] == "announced"

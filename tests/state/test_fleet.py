@@ -167,6 +167,15 @@ class Fleet:
             assert resp.status == 200, await resp.text()
             return str((await resp.json())["session_id"])
 
+    async def watched(self, cid: str) -> str:
+        """A conversation made and read through every replica, its stream
+        live everywhere: its session id."""
+        sid = await self.put(self.replicas[0], cid)
+        for replica in self.replicas:
+            await self.session(replica, cid)
+        await eventually(lambda: _all_live(self, cid), timeout=5)
+        return sid
+
     async def step(self, replica: Replica, cid: str, session_id: str) -> None:
         async with self.http.post(
             f"{replica.url}/api/v2/conversations/{cid}/step", json={"session_id": session_id}
@@ -390,10 +399,7 @@ async def test_the_newer_outcome_wins_after_redis_restarted_empty_and_its_watche
     the work's state changed, not by the date of the write), on every
     replica, the killed one restarted too."""
     f = await fleet(outcome=Outcome(tokens=5, pace=0.01))
-    sid = await f.put(f.replicas[0], "forgotten")
-    for replica in f.replicas:
-        await f.session(replica, "forgotten")
-    await eventually(lambda: _all_live(f, "forgotten"), timeout=5)
+    sid = await f.watched("forgotten")
     watcher = await f.holder()
     saw, missed = [r for r in f.replicas if r is not watcher]
     await f.step(saw, "forgotten", sid)
@@ -444,10 +450,7 @@ async def test_a_partitioned_replica_whose_lease_expired_cannot_write(
     fleet: Callable[..., Awaitable[Fleet]],
 ) -> None:
     f = await fleet(outcome=Outcome(tokens=10, pace=0.02))
-    sid = await f.put(f.replicas[0], "split")
-    for replica in f.replicas:
-        await f.session(replica, "split")
-    await eventually(lambda: _all_live(f, "split"), timeout=5)
+    sid = await f.watched("split")
     paused = await f.holder()
     others = [r for r in f.replicas if r is not paused]
     paused.signal(signal.SIGSTOP)  # frozen: no heartbeat, no renewal, its socket still open
