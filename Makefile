@@ -52,7 +52,7 @@ upstreams: $(STAMP)
 	$(BIN)/python -m tests.real.servers install
 
 unit: $(STAMP) browser redis upstreams
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rxX
 
 test: lint types contract unit
 

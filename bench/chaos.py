@@ -68,8 +68,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -265,6 +268,12 @@ class FakeUpstream:
         if self.runner is not None:
             await self.runner.cleanup()
 
+    async def fails(self, cid: str) -> bool:
+        return False  # the fake never fails a GET
+
+    def failed_itself(self, error: str | None) -> bool:
+        return False  # the fake's record is every step's outcome
+
     def plan(self, cid: str, rng: random.Random, n: int) -> tuple[str, str | None]:
         if rng.random() < 0.3:
             error = f"step {n} of {cid} failed upstream (seeded error {rng.randrange(10**6)})"
@@ -338,6 +347,27 @@ class GptmeUpstream:
     def streams(self, cid: str) -> int:
         return -1
 
+    def failed_itself(self, error: str | None) -> bool:
+        """Whether ``error`` is one gptme 0.31.0 streams for a step whose
+        message its log keeps: its race on the conversation's workspace
+        symlink, raised while it announces the message (the conformance
+        suite's ``WORKSPACE_RACE``). Its log alone would call it completed."""
+        return error is not None and re.search(self.servers.WORKSPACE_RACE, error) is not None
+
+    async def fails(self, cid: str) -> bool:
+        """Whether gptme itself answers a direct GET of ``cid`` with a 5xx
+        (0.31.0 writes the conversation's config.toml at every GET, and
+        concurrent GETs can leave it unreadable: every later GET then fails,
+        "ChatConfig has no logdir set" in its log)."""
+        assert self.http is not None
+        for _ in range(3):
+            async with self.http.get(f"{self.url}/api/v2/conversations/{cid}") as r:
+                await r.read()
+                if r.status < 500:
+                    return False
+            await asyncio.sleep(0.5)
+        return True
+
 
 # ---------------------------------------------------------------- chaos
 
@@ -355,6 +385,14 @@ class Stats:
     indeterminate: int = 0
     #: Reads of ``unknown`` after a bad record destroyed what the fleet knew.
     forgotten: int = 0
+    #: 5xx answers that were the upstream's own, relayed as they came (the
+    #: sidecar's own errors are JSON with ``"source": "sidecar"``).
+    upstream_5xx: int = 0
+    #: Conversations the upstream itself broke (its own 5xx to a direct GET
+    #: when an outcome was due): no longer stepped nor judged.
+    broken: set[str] = field(default_factory=set)
+    #: Steps gptme's log shows done but that gptme streamed an error for.
+    upstream_failed: int = 0
     details: list[str] = field(default_factory=list)
     exit_times: list[float] = field(default_factory=list)
 
@@ -460,6 +498,7 @@ class Chaos:
             ) as r:
                 status = r.status
                 body = await r.json() if status == 200 else await r.text()
+                relayed = status >= 500 and _relayed(r.headers, body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.stats.refused += 1
             if was_running and replica.running and not self.faulting and not self.stopping:
@@ -467,6 +506,9 @@ class Chaos:
                 self.stats.violate("d", f"replica {replica.index} failed a GET: {exc!r}")
             return None
         self.stats.reads += 1
+        if relayed:
+            self.stats.upstream_5xx += 1  # the upstream's own answer, relayed as it came
+            return None
         if status >= 500:
             if was_running and replica.running:
                 self.stats.violate("d", f"replica {replica.index} answered {status}: {body!r:.200}")
@@ -493,7 +535,7 @@ class Chaos:
         """Steps and polls on one conversation; every outcome checked (a)."""
         assert self.http is not None
         step = 0
-        while time.monotonic() < until:
+        while time.monotonic() < until and cid not in self.stats.broken:
             for _ in range(self.rng.randint(1, 4)):
                 await self.read(self.pick(), cid)
                 await asyncio.sleep(self.rng.uniform(0.01, 0.1))
@@ -505,7 +547,10 @@ class Chaos:
                     json={"session_id": self.sessions[cid]},
                 ) as r:
                     accepted = r.status == 200
-                    if r.status >= 500 and replica.running:
+                    text = await r.text()
+                    if r.status >= 500 and _relayed(r.headers, text):
+                        self.stats.upstream_5xx += 1
+                    elif r.status >= 500 and replica.running:
                         self.stats.violate(
                             "d", f"replica {replica.index} answered a step {r.status}"
                         )
@@ -527,7 +572,8 @@ class Chaos:
             outcome = await self.ended(cid, step)
             self.note(f"{cid} step {step} ended {outcome}")
             if outcome is None:
-                self.stats.violate("a", f"{cid} step {step}: the upstream never ended it")
+                if not await self.broken_upstream(cid):
+                    self.stats.violate("a", f"{cid} step {step}: the upstream never ended it")
                 return
             self.stats.steps[outcome[0]] += 1
             await self.verify(cid, step, outcome, accepted_at, hit=not accepted)
@@ -557,6 +603,15 @@ class Chaos:
             await asyncio.sleep(0.05)
         return None
 
+    async def broken_upstream(self, cid: str) -> bool:
+        """Whether the upstream itself fails ``cid`` (its own 5xx to a direct
+        GET): then no replica can show it, and it is retired, counted apart."""
+        if not await self.upstream.fails(cid):
+            return False
+        self.stats.broken.add(cid)
+        self.note(f"{cid} broken by the upstream (its own 5xx to a direct GET): retired")
+        return True
+
     async def verify(
         self,
         cid: str,
@@ -575,7 +630,7 @@ class Chaos:
         hit = (
             hit or self.faulting_process or self.process_fault_end >= accepted_at - (LEASE_TTL + 3)
         )
-        unseen = False
+        unseen = upstream_failed = False
         waiting = set(range(len(self.replicas)))
         while waiting:
             deadline = max(ended_at, self.last_fault_end) + WINDOW
@@ -589,6 +644,11 @@ class Chaos:
                 got = (session["status"], session["last_error"])
                 if got == outcome or (outcome[1] is None and got[0] == outcome[0]):
                     waiting.discard(index)
+                elif got[0] == "failed" and self.upstream.failed_itself(got[1]):
+                    # gptme streamed an error for the step (the sidecar cannot
+                    # make that text up), though its log shows the message.
+                    waiting.discard(index)
+                    upstream_failed = True
                 elif hit and got[0] == "failed" and _unseen(got[1]):
                     waiting.discard(index)
                     unseen = True
@@ -599,8 +659,11 @@ class Chaos:
                     self.stats.forgotten += 1
             if not waiting:
                 self.stats.unseen += unseen
+                self.stats.upstream_failed += upstream_failed
                 return
             if time.monotonic() > deadline and not self.faulting:
+                if await self.broken_upstream(cid):
+                    return
                 now = {
                     i: ((s or {}).get("status"), str((s or {}).get("last_error"))[:70])
                     for i in waiting
@@ -737,6 +800,19 @@ class Chaos:
                 )
 
 
+def _relayed(headers: Any, body: object) -> bool:
+    """Whether a 5xx is the upstream's own answer relayed by the replica: it
+    came through the sidecar (``Via``) and is not one of the sidecar's own
+    errors (JSON with ``"source": "sidecar"``)."""
+    if "sidecar" not in ",".join(headers.getall("Via", ())):
+        return False
+    try:
+        parsed = json.loads(body) if isinstance(body, str) else body
+    except ValueError:
+        return True
+    return not (isinstance(parsed, dict) and parsed.get("source") == "sidecar")
+
+
 def _unseen(error: str | None) -> bool:
     """The sidecar's own words for a step whose end no stream showed."""
     return error is not None and (
@@ -764,6 +840,13 @@ def report(chaos: Chaos, command: str, elapsed: float) -> int:
           f"reported so; {stats.indeterminate} not answered but run upstream); "
           f"reads: {stats.reads} ({stats.forgotten} unknown after a bad record, as documented) "
           f"(+{stats.refused} refused by replicas that were down)")  # fmt: skip
+    if stats.upstream_failed:
+        print(f"steps gptme's log shows done but gptme streamed an error for (its workspace "
+              f"race), read so: {stats.upstream_failed}")  # fmt: skip
+    if stats.upstream_5xx or stats.broken:
+        print(f"the upstream's own 5xx answers, relayed: {stats.upstream_5xx}; conversations "
+              f"it broke itself (its own 5xx to a direct GET), retired unjudged: "
+              f"{len(stats.broken)} {sorted(stats.broken)}")  # fmt: skip
     slowest = max(stats.exit_times, default=0.0)
     print(f"SIGTERM to exit: {len(stats.exit_times)} exits, slowest {slowest:.2f} s\n")
     names = {
@@ -801,9 +884,15 @@ async def main_async(args: argparse.Namespace) -> int:
         await chaos.run()
     finally:
         await chaos.stop()
-    code = report(chaos, command, time.monotonic() - started)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = report(chaos, command, time.monotonic() - started)
+    print(printed.getvalue(), end="")
     if code and not args.keep:
-        print(f"replica logs kept in {tmp}")
+        # The report beside the logs: a run inside the test suite, whose
+        # output pytest keeps to itself, can still be read afterwards.
+        (tmp / "report.txt").write_text(printed.getvalue())
+        print(f"replica logs and this report kept in {tmp}")
     elif not args.keep:
         shutil.rmtree(tmp, ignore_errors=True)
     return code
