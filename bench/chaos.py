@@ -58,6 +58,15 @@ and counts violations of:
 (d) **no 5xx** from a replica that is running, and every SIGTERM answered by
     an exit within ``shutdown_grace``.
 
+What the upstream itself fails is counted apart, never as the sidecar's: a
+5xx relayed as it came (through ``Via``, and not one of the sidecar's own
+errors, which are JSON with ``"source": "sidecar"``); a conversation the
+upstream answers with a 5xx on a direct GET when an outcome is due (gptme
+0.31.0 writes its ``config.toml`` at every GET, and concurrent GETs can
+leave it unreadable for good), retired unjudged; and a step gptme 0.31.0
+streamed its workspace race for (``tests/real/servers.WORKSPACE_RACE``)
+though its log shows the step's message.
+
 It prints the seed, the command that reproduces the run, and a table; it
 exits 1 if any violation was seen. Everything it starts is stopped when it
 ends, however it ends.

@@ -311,6 +311,13 @@ def main() -> int:
         default=5.0,
         help="the cache-on sidecar's cache_max_age (5: its default)",
     )
+    parser.add_argument(
+        "--cache-stale-while-revalidate",
+        type=float,
+        default=5.0,
+        help="its cache_stale_while_revalidate (5: its default); a change made without an event"
+        " is seen up to the sum of the two late",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here (bench/ab.py)")
     args = parser.parse_args()
     try:
@@ -329,18 +336,27 @@ def main() -> int:
     gptme = servers.start_gptme("0.31.0", model.url)
     many: dict[str, float] | None = None
     try:
-        conversations = [f"bench-{i}" for i in range(args.conversations)]
-        for cid in conversations:
-            gptme.seed_gptme_conversation(cid, MESSAGES)
+
+        def fresh(prefix: str, count: int) -> list[str]:
+            """Conversations of its own for each path: gptme 0.31.0 rewrites a
+            conversation's config.toml at every GET, and concurrent GETs (the
+            direct path's) can leave it unreadable, its GETs a 500 for good."""
+            made = [f"{prefix}-{i}" for i in range(count)]
+            for cid in made:
+                gptme.seed_gptme_conversation(cid, MESSAGES)
+            return made
+
+        sample = fresh("sample", 1)[0]
         off, on = free_port(), free_port()
         off_proc = procs.start_sidecar(gptme.port, off, "--store", "memory")
         on_proc = procs.start_sidecar(
             gptme.port, on, "--store", "memory", "--cache", "events",
             "--cache-max-age", f"{args.cache_max_age:g}",
+            "--cache-stale-while-revalidate", f"{args.cache_stale_while_revalidate:g}",
         )  # fmt: skip
         wait_port(off)
         wait_port(on)
-        path = f"/api/v2/conversations/{conversations[0]}"
+        path = f"/api/v2/conversations/{sample}"
         with urllib.request.urlopen(gptme.url + path) as resp:
             size = len(resp.read())
         print(
@@ -354,7 +370,8 @@ def main() -> int:
             f" {args.duration:g} s measured per path\n"
         )
 
-        def run(base: str, pid: int | None, cached: bool = False) -> dict[str, float]:
+        def run(base: str, pid: int | None, prefix: str, cached: bool = False) -> dict[str, float]:
+            conversations = fresh(prefix, args.conversations)
             return asyncio.run(
                 measure(
                     base, gptme.url, pid, conversations, args.pollers, args.appends, args, cached
@@ -365,9 +382,7 @@ def main() -> int:
         # gptme (it answers about 90 of the 200 polls a second), and a gptme
         # still working through that backlog would weigh on its p99.
         if args.many:
-            more = [f"many-{i}" for i in range(args.many_conversations)]
-            for cid in more:
-                gptme.seed_gptme_conversation(cid, MESSAGES)
+            more = fresh("many", args.many_conversations)
             many = asyncio.run(
                 measure(
                     f"http://127.0.0.1:{on}",
@@ -381,9 +396,9 @@ def main() -> int:
                 )
             )
         results = {
-            "direct": run(gptme.url, None),
-            "sidecar, cache off": run(f"http://127.0.0.1:{off}", off_proc.pid),
-            "sidecar, cache on": run(f"http://127.0.0.1:{on}", on_proc.pid, cached=True),
+            "direct": run(gptme.url, None, "direct"),
+            "sidecar, cache off": run(f"http://127.0.0.1:{off}", off_proc.pid, "off"),
+            "sidecar, cache on": run(f"http://127.0.0.1:{on}", on_proc.pid, "on", cached=True),
         }
     finally:
         procs.stop()
@@ -456,7 +471,10 @@ def main() -> int:
     # Each conversation's answer is asked for again once per cache_max_age
     # (in the background), whatever the events say: the share's floor.
     print(
-        f"\ncache_max_age {args.cache_max_age:g} s: the expiry alone asks gptme for each "
+        f"\ncache_max_age {args.cache_max_age:g} s, cache_stale_while_revalidate "
+        f"{args.cache_stale_while_revalidate:g} s (a change made without an event seen up to "
+        f"{args.cache_max_age + args.cache_stale_while_revalidate:g} s late): "
+        "the expiry alone asks gptme for each "
         f"conversation every {args.cache_max_age:g} s, a floor of "
         f"{args.conversations / args.cache_max_age / args.pollers:.1%} of the polls with "
         f"{args.pollers} pollers over {args.conversations} conversations"

@@ -34,16 +34,21 @@ reads them there; Redis holds the shared copy and decides who does what:
   (``/readyz`` stays 200 and says so, as does ``sidecar_store_degraded``),
   opens its own streams for what it serves, and goes on in memory. A single
   failed call on a pooled connection that died with a restarted Redis is
-  retried once on a new one, not taken as an outage. When Redis answers
-  again a replica takes the leases it can (its own too: a lease it held is
-  renewed, not mistaken for another's), merges what it saw meanwhile into
-  the shared copy by compare-and-set (the newer of the two by ``updated_at``,
-  so a step accepted elsewhere since is kept), and hands the rest back to
-  their holders. What Redis lost (restarted empty or from an older save) is
-  written back by every replica that knew newer (by when the work's state
-  last changed, ``state_at``: a logical date every replica carries with the
-  state), not only by the holders: the holder that saw a step end may be the
-  replica that was killed.
+  retried once on a new one, not taken as an outage; a restart is then
+  noticed by Redis's ``run_id`` (``INFO``, at every heartbeat) and handled
+  as an outage all the same. When Redis answers again a replica takes the
+  leases it can (its own too: a lease it held is renewed, not mistaken for
+  another's), merges what it saw meanwhile into the shared copy by
+  compare-and-set (the newer *state* of the two, so a step accepted
+  elsewhere since is kept), and hands the rest back to their holders. What
+  Redis lost (restarted empty or from an older save) is written back by
+  every replica that knew newer, not only by the holders: the holder that
+  saw a step end may be the replica that was killed. Newer is by when the
+  work's state last changed (``state_at``, carried with the state, never
+  moved by learning it or by a stream; each replica's clock); ``unknown``
+  never wins over a state; a replica that finds the same state or a newer
+  one writes nothing (a fleet's recovery is a read per conversation and
+  replica, not a write).
 
 * **Nothing read back is trusted**: every hash, lease value, set member and
   channel message is checked (:mod:`sidecar.records`) before use. A record
@@ -275,6 +280,8 @@ class RedisStore(Store):
         #: Conversations whose body, or snapshot, changed while Redis could not be told.
         self._touched_alone: set[str] = set()
         self._changed_alone: set[str] = set()
+        #: Redis's run_id as last seen (None: not asked yet; False: INFO refused).
+        self._run_id: str | bool | None = None
         #: Counters for operators.
         self.counts: dict[str, int] = {
             "writes": 0,
@@ -453,34 +460,57 @@ class RedisStore(Store):
             alone = registry.get(resource_id)
             if alone is not None and alone.view is not None:
                 self._merge_seen(alone, "")
+                merged.add(resource_id)
         self._changed_alone.clear()
         for conv in registry.conversations():
             if conv.view is not None and self._key(conv) not in self.leases:
                 with contextlib.suppress(StoreError):
-                    await self.fetch(conv)
+                    if conv.id in merged:
+                        await self.fetch(conv)
+                    else:
+                        await self._write_back(conv)
         for resource_id in self._touched_alone:
             self.touch(resource_id)  # its body may have changed meanwhile, unseen by Redis
         self._touched_alone.clear()
 
-    def _write_back(self, conv: Conversation, seen: Snapshot) -> None:
-        """What this replica knew of a conversation it does not hold, written
+    async def _write_back(self, conv: Conversation) -> None:
+        """What this replica knows of a conversation it does not hold, written
         back if Redis came back without it, or with an older state (restarted
         empty, or from an older save): the holder that saw the newest outcome
         may be gone (killed while Redis was down), and the first replica
         back may have missed its announcement; every replica that heard of
         it then writes it, by compare-and-set, and the newest state wins.
-        Nothing is written for what this replica knows nothing of."""
+        Otherwise Redis's copy is adopted, as a read adopts it. Nothing is
+        written for what this replica knows nothing of, nor where Redis has
+        the same state or a newer one (a fleet's recovery is then one read
+        per conversation and replica, not one write). Decided before
+        anything is adopted: this replica never shows the older state
+        between the two."""
+        assert self._redis is not None
         view = conv.view
-        if view is None or seen.status == "unknown":
+        if view is None:
             return
-        shared = view.base
-        if (
-            shared is not None
-            and shared.status != "unknown"
-            and _state_date(shared) >= _state_date(seen)
+        seen = conv.snapshot
+        self.counts["reads"] += 1
+        rev, data, body = await self._call(
+            self._redis.hmget(self._rec(conv.id), "rev", "data", "body")
+        )
+        if body is not None:
+            self._learn_body(conv, body)
+        record = None
+        if rev is not None or data is not None:
+            record = self._checked(conv.id, rev, data, None)
+            if record is None:
+                return  # dropped: observed afresh, as any malformed record
+        shared = record.snapshot if record is not None else None
+        if seen.status != "unknown" and (
+            shared is None or shared.status == "unknown" or _state_date(shared) < _state_date(seen)
         ):
-            return
-        self._merge_seen(conv, "", seen)
+            if record is not None:
+                _take(view, record)
+            self._merge_seen(conv, "", seen)
+        elif record is not None:
+            self._adopt(conv, record)
 
     def _merge_seen(self, conv: Conversation, lease: str, seen: Snapshot | None = None) -> None:
         """What this replica's stream showed while it was alone (or ``seen``:
@@ -498,6 +528,8 @@ class RedisStore(Store):
 
         def newer(shared: Snapshot) -> Snapshot:
             if shared.status != "unknown":
+                if known.status == "unknown":
+                    return shared  # knowing nothing adds nothing to a state
                 if _state_date(shared) > _state_date(known):
                     return shared
                 if (
@@ -509,10 +541,9 @@ class RedisStore(Store):
             # Not the holder: its own stream was closed, the holder's says how the stream is.
             merged = known if lease else dataclasses.replace(known, stream=shared.stream)
             if shared.updated_at is not None and (merged.updated_at or 0) <= shared.updated_at:
-                moved = shared.touched()
-                moved["version"] = max(merged.version, shared.version) + 1
-                merged = dataclasses.replace(merged, **moved)
-            return merged
+                merged = dataclasses.replace(merged, **shared.touched())
+            # A version above both: a receiver keeping the highest drops nothing newer.
+            return dataclasses.replace(merged, version=max(merged.version, shared.version) + 1)
 
         self.enqueue(conv, Change(newer, lease))
 
@@ -672,6 +703,13 @@ class RedisStore(Store):
                 else:
                     await self._renew()
                     assert self._redis is not None
+                    if await self._restarted():
+                        # It may have lost what it held, or come back from an
+                        # older save, with no call of this replica failing (a
+                        # pooled connection is retried on a new one): as after
+                        # an outage, every replica writes back what it knows.
+                        self.degrade("redis restarted (its run_id changed)")
+                        continue
                     await self._call(self._redis.publish(self.channel, f"hb\n{self.replica}"))
                     await self._adopt_orphans()
             except StoreError as exc:
@@ -683,6 +721,35 @@ class RedisStore(Store):
             if self._registry is not None:
                 self._registry.holders_checked()
             await asyncio.sleep(every if self.degraded is None else min(every, 1.0))
+
+    async def _restarted(self) -> bool:
+        """Whether Redis restarted since it was last asked (``INFO``'s run_id)."""
+        from redis.exceptions import ResponseError
+
+        if self._run_id is False or self._redis is None:
+            return False
+        try:
+            info = await self._call(self._guarded(self._redis.info("server"), ResponseError))
+        except _Refused as exc:  # an ACL without INFO: the lease holders still notice
+            log.warning(
+                "redis refused INFO: a restart is noticed by the lease holders only",
+                extra={"reason": str(exc)[:200]},
+            )
+            self._run_id = False
+            return False
+        run_id = str(info.get("run_id", "")) if isinstance(info, dict) else ""
+        if not run_id:
+            return False
+        before, self._run_id = self._run_id, run_id
+        return before is not None and before != run_id
+
+    @staticmethod
+    async def _guarded(awaitable: Any, refused: type[BaseException]) -> Any:
+        """``awaitable``, its ``refused`` error told apart from an outage."""
+        try:
+            return await awaitable
+        except refused as exc:
+            raise _Refused(str(exc)) from None
 
     async def _renew(self) -> None:
         try:
@@ -1087,6 +1154,16 @@ class RedisStore(Store):
             for change in batch:
                 steps.append((snap, change.op(snap)))
                 snap = steps[-1][1]
+            if snap is view.base and not fence:
+                # Nothing to change in what Redis has (a merge that found it
+                # newer): not written, so not announced to every replica.
+                del view.pending[: len(batch)]
+                for change in batch:
+                    if change.done is not None and not change.done.done():
+                        change.done.set_result(None)
+                assert self._registry is not None
+                self._registry.rebased(conv)
+                continue
             keys = [self._rec(conv.id), f"{self.prefix}watch", self._lease(self._key(conv))]
             args = self._write_args(conv, view.rev, snap, fence)
             # The transitions this write makes go into the webhook outbox in the
@@ -1158,6 +1235,10 @@ class RedisStore(Store):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await asyncio.gather(*waiting)
+
+
+class _Refused(Exception):
+    """Redis answered, and refused the command (not an outage)."""
 
 
 def _state_date(snap: Snapshot) -> float:

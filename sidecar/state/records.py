@@ -238,6 +238,16 @@ def snapshot(kept: Any, limit: int, stream: Any = "connecting") -> Snapshot:
             if not (value is None or isinstance(value, str | int | float)):
                 raise Rejected("shape", f"retry.{key} is not a string or a number")
     session_id = _text(kept.get("session_id"), "session_id", MAX_ID)
+    updated_at = _time(kept.get("updated_at"), "updated_at")
+    state_at = _time(kept.get("state_at"), "state_at")
+    if state_at is not None and (updated_at is None or state_at > updated_at):
+        # Every writer dates a state change with the change (updated_at is
+        # only ever moved on since): a later one would win every merge.
+        raise Rejected("number", "state_at is later than updated_at")
+    if state_at is None and status != "unknown":
+        # A record of an older version: its state dated by its last change,
+        # once, here, before learning it or a stream could move updated_at.
+        state_at = updated_at
     return Snapshot(
         status=status,
         last_error=_text(kept.get("last_error"), "last_error", limit),
@@ -245,10 +255,10 @@ def snapshot(kept: Any, limit: int, stream: Any = "connecting") -> Snapshot:
         session_id=session_id,
         retry=retry,
         stream=stream,
-        updated_at=_time(kept.get("updated_at"), "updated_at"),
+        updated_at=updated_at,
         version=count(kept.get("version") or 0, "version"),
         state_seq=count(kept.get("state_seq") or 0, "state_seq"),
-        state_at=_time(kept.get("state_at"), "state_at"),
+        state_at=state_at,
     )
 
 

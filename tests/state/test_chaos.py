@@ -6,12 +6,11 @@ with its data, malformed messages and records) and a checker against the
 upstream's own record of every step. The program stops everything it started
 however it ends; the run is bounded and its process group killed if it must.
 
-Checks (c) and (d) must hold in every run. (a) can still fail in some runs:
-Redis restarted empty while the only replicas that had the last outcome
-written are gone or not the first to take the leases back, the first one
-back writes the older outcome it knows (see the README's "The fleet under
-faults"): that test is marked as expected to fail until it is fixed, so that
-it reports them every run without making `make test` a coin toss.
+Every check must hold in every run: (a) every outcome readable on every
+replica in time, (b) no replica answering an older state than it did, (c)
+one upstream stream per conversation, (d) no 5xx and every exit within the
+grace. (a) and (b) were reported as an expected failure until the race of a
+Redis restarted empty was fixed (see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -65,7 +64,6 @@ def test_the_nemesis_injected_faults_and_every_replica_stayed_up(chaos_run: str)
     assert violations(chaos_run, "d") == 0, chaos_run  # no 5xx, every exit within the grace
 
 
-@pytest.mark.xfail(reason="a Redis restarted empty can lose an outcome", strict=False)
 def test_every_outcome_is_read_everywhere_and_no_state_goes_back(chaos_run: str) -> None:
     assert violations(chaos_run, "a") == 0, chaos_run
     assert violations(chaos_run, "b") == 0, chaos_run

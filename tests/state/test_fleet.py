@@ -446,6 +446,49 @@ async def test_the_newer_outcome_wins_after_redis_restarted_empty_and_its_watche
         ) from None
 
 
+async def test_an_outcome_only_heard_of_is_written_back_after_redis_restarted_empty(
+    fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer
+) -> None:
+    """A step failed while Redis was up: its watcher wrote it, the other
+    replica heard of it. Then the watcher was killed and Redis restarted
+    empty while the other was frozen. The watcher, started again with
+    nothing in memory, takes the lease and knows nothing (the upstream
+    replays no event). The other replica, which only heard of the failure
+    and changed nothing itself, writes it back when it finds Redis again,
+    and the restarted replica reads it: one replica's knowledge is enough."""
+    f = await fleet(count=2, outcome=Outcome(kind="error"))
+    sid = await f.watched("heard")
+    watcher = await f.holder()
+    (heard,) = [r for r in f.replicas if r is not watcher]
+    await f.step(heard, "heard", sid)
+    await eventually(lambda: _all(f, "heard", "failed"), timeout=10)
+    failed = summary(await f.session(heard, "heard"))
+
+    async def degraded(replica: Replica, now: bool) -> bool:
+        return bool((await replica.ready(f.http))["store"]["degraded"]) == now
+
+    heard.signal(signal.SIGSTOP)
+    try:
+        watcher.kill()
+        await asyncio.wait_for(watcher.proc.wait(), 10)  # type: ignore[union-attr]
+        redis_server.stop()
+        redis_server.start()  # empty
+        await watcher.start(f.http)  # back, with nothing in memory
+        assert summary(await f.session(watcher, "heard")) != failed  # it cannot know
+        await eventually(lambda: _metric_is(watcher, f.http, "sidecar_fleet_leases", 1), timeout=10)
+    finally:
+        heard.signal(signal.SIGCONT)
+    await eventually(lambda: degraded(heard, False), timeout=LEASE_TTL + 10)
+
+    async def everywhere() -> bool:
+        return all(summary(s) == failed for s in await f.sessions("heard"))
+
+    try:
+        await eventually(everywhere, timeout=LEASE_TTL + 5)
+    except AssertionError:
+        raise AssertionError(f"{failed} not read everywhere: {await f.sessions('heard')}") from None
+
+
 async def test_a_partitioned_replica_whose_lease_expired_cannot_write(
     fleet: Callable[..., Awaitable[Fleet]],
 ) -> None:

@@ -57,6 +57,9 @@ def good(**more: Any) -> dict[str, Any]:
         (good(pending_tools=[["t1", "x" * (LIMIT + 1)]]), "size"),
         (good(pending_tools=["not a pair"]), "shape"),
         (good(retry={"attempt": 1, "other": 2}), "shape"),
+        (good(state_at="now"), "number"),
+        # A state dated after the record's last change would win every merge.
+        (good(updated_at=1_700_000_000.0, state_at=1_700_000_001.0), "number"),
     ],
 )
 def test_a_snapshot_read_back_is_checked(kept: Any, reason: str) -> None:
@@ -70,6 +73,17 @@ def test_a_valid_snapshot_reads_back_as_it_was_written() -> None:
     snap = records.snapshot(good(pending_tools=[["t1", {"tool": "shell"}]], version=3), LIMIT)
     assert (snap.status, snap.last_error, snap.version) == ("failed", "boom", 3)
     assert snap.pending_tools == (("t1", {"tool": "shell"}),)
+
+
+def test_a_record_of_an_older_version_dates_its_state_by_its_last_change() -> None:
+    """Records written before ``state_at`` existed: their state is dated by
+    ``updated_at`` as read, once, so that learning it again or a stream
+    moving ``updated_at`` later does not make it look newer in a merge."""
+    snap = records.snapshot(good(updated_at=1_700_000_000.0), LIMIT)
+    assert snap.state_at == 1_700_000_000.0
+    assert records.snapshot({"status": "unknown"}, LIMIT).state_at is None
+    dated = records.snapshot(good(updated_at=1_700_000_002.0, state_at=1_700_000_001.0), LIMIT)
+    assert (dated.state_at, dated.updated_at) == (1_700_000_001.0, 1_700_000_002.0)
 
 
 @pytest.mark.parametrize("event_id", ["1\r\nX-Evil: 1", "1\nDELETE /", "a\x00b", "x" * 2000])
