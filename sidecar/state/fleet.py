@@ -35,8 +35,12 @@ reads them there; Redis holds the shared copy and decides who does what:
   opens its own streams for what it serves, and goes on in memory. A single
   failed call on a pooled connection that died with a restarted Redis is
   retried once on a new one, not taken as an outage; a restart is then
-  noticed by Redis's ``run_id`` (``INFO``, at every heartbeat) and handled
-  as an outage all the same. When Redis answers again a replica takes the
+  noticed by Redis's ``run_id`` (``INFO``, at every heartbeat, and whenever
+  the subscription reconnects, before any message it brings is read), and
+  every conversation the replica does not hold is read afresh and written
+  back where Redis has an older state (no outage: its leases stay, and one
+  Redis lost is set again at the next renewal, what the stream showed merged
+  in). When Redis answers again after an outage a replica takes the
   leases it can (its own too: a lease it held is renewed, not mistaken for
   another's), merges what it saw meanwhile into the shared copy by
   compare-and-set (the newer *state* of the two, so a step accepted
@@ -428,6 +432,7 @@ class RedisStore(Store):
         registry = self._registry
         assert registry is not None and self._redis is not None
         await self._call(self._redis.ping())
+        await self._restarted()  # the run_id recovered from (no second resync for it)
         try:
             await self._check_upstream()
         except StoreRefused as exc:
@@ -703,14 +708,9 @@ class RedisStore(Store):
                 else:
                     await self._renew()
                     assert self._redis is not None
-                    if await self._restarted():
-                        # It may have lost what it held, or come back from an
-                        # older save, with no call of this replica failing (a
-                        # pooled connection is retried on a new one): as after
-                        # an outage, every replica writes back what it knows.
-                        self.degrade("redis restarted (its run_id changed)")
-                        continue
                     await self._call(self._redis.publish(self.channel, f"hb\n{self.replica}"))
+                    if await self._restarted():
+                        await self._resync()
                     await self._adopt_orphans()
             except StoreError as exc:
                 self.degrade(str(exc))
@@ -723,25 +723,62 @@ class RedisStore(Store):
             await asyncio.sleep(every if self.degraded is None else min(every, 1.0))
 
     async def _restarted(self) -> bool:
-        """Whether Redis restarted since it was last asked (``INFO``'s run_id)."""
+        """Whether Redis restarted since it was last asked (``INFO``'s run_id):
+        it may have lost what it held, or come back from an older save, with
+        no call of this replica failing (a pooled connection is retried on a
+        new one, the subscription renewed by redis-py itself). The first
+        caller to see a new run_id is told, once."""
         from redis.exceptions import ResponseError
 
         if self._run_id is False or self._redis is None:
             return False
         try:
             info = await self._call(self._guarded(self._redis.info("server"), ResponseError))
-        except _Refused as exc:  # an ACL without INFO: the lease holders still notice
-            log.warning(
-                "redis refused INFO: a restart is noticed by the lease holders only",
-                extra={"reason": str(exc)[:200]},
-            )
-            self._run_id = False
-            return False
-        run_id = str(info.get("run_id", "")) if isinstance(info, dict) else ""
-        if not run_id:
+        except _Refused as exc:
+            text = str(exc)
+            if "NOPERM" in text or "unknown command" in text:
+                # An ACL without INFO: the lease holders still notice (their renewal).
+                log.warning(
+                    "redis refused INFO: a restart is noticed by the lease holders only",
+                    extra={"reason": text[:200]},
+                )
+                self._run_id = False
+            return False  # (BUSY, LOADING...: asked again at the next beat)
+        run_id = info.get("run_id") if isinstance(info, dict) else None
+        if not isinstance(run_id, str) or not run_id:
             return False
         before, self._run_id = self._run_id, run_id
-        return before is not None and before != run_id
+        return isinstance(before, str) and before != run_id
+
+    async def _resync(self) -> None:
+        """Redis restarted, and this replica did not see it go: no outage to
+        recover from (its leases, where Redis kept them, are still its own;
+        where it lost them, the next renewal sets them again and merges what
+        the stream showed). Every conversation it does not hold is read
+        afresh, and what it knows written back where Redis has an older
+        state or none (:meth:`_write_back`)."""
+        registry = self._registry
+        if registry is None:
+            return
+        log.warning("redis restarted: its copy is read afresh, and written back where older")
+        for conv in registry.conversations():
+            view = conv.view
+            if view is not None and self._key(conv) not in self.leases:
+                view.rev, view.base = 0, Snapshot(session_id=conv.snapshot.session_id)
+                await self._write_back(conv)
+
+    async def _subscribed(self, connection: Any) -> None:
+        """The subscription's connection (re)opened (redis-py reconnects it by
+        itself): a Redis restarted meanwhile is found out here, before any
+        message it brings is read (another replica's write-back of an older
+        state would otherwise be adopted first)."""
+        try:
+            if await self._restarted():
+                await self._resync()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the heartbeat asks again; the subscription goes on
+            log.warning("redis restart check failed", extra={"reason": str(exc)[:200]})
 
     @staticmethod
     async def _guarded(awaitable: Any, refused: type[BaseException]) -> Any:
@@ -1007,6 +1044,9 @@ class RedisStore(Store):
                 assert self._redis is not None
                 self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await self._call(self._pubsub.subscribe(self.channel))
+                connection = getattr(self._pubsub, "connection", None)
+                if connection is not None:
+                    connection.register_connect_callback(self._subscribed)
                 while not self._closing:
                     message = await self._pubsub.get_message(timeout=1.0)
                     if message is not None:

@@ -454,7 +454,7 @@ async def test_an_outcome_only_heard_of_is_written_back_after_redis_restarted_em
     empty while the other was frozen. The watcher, started again with
     nothing in memory, takes the lease and knows nothing (the upstream
     replays no event). The other replica, which only heard of the failure
-    and changed nothing itself, writes it back when it finds Redis again,
+    and changed nothing itself, writes it back when it finds Redis restarted,
     and the restarted replica reads it: one replica's knowledge is enough."""
     f = await fleet(count=2, outcome=Outcome(kind="error"))
     sid = await f.watched("heard")
@@ -463,9 +463,6 @@ async def test_an_outcome_only_heard_of_is_written_back_after_redis_restarted_em
     await f.step(heard, "heard", sid)
     await eventually(lambda: _all(f, "heard", "failed"), timeout=10)
     failed = summary(await f.session(heard, "heard"))
-
-    async def degraded(replica: Replica, now: bool) -> bool:
-        return bool((await replica.ready(f.http))["store"]["degraded"]) == now
 
     heard.signal(signal.SIGSTOP)
     try:
@@ -478,7 +475,8 @@ async def test_an_outcome_only_heard_of_is_written_back_after_redis_restarted_em
         await eventually(lambda: _metric_is(watcher, f.http, "sidecar_fleet_leases", 1), timeout=10)
     finally:
         heard.signal(signal.SIGCONT)
-    await eventually(lambda: degraded(heard, False), timeout=LEASE_TTL + 10)
+    # Its connections come back without a failed call: it never degrades,
+    # and finds out from Redis's run_id.
 
     async def everywhere() -> bool:
         return all(summary(s) == failed for s in await f.sessions("heard"))
