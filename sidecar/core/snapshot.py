@@ -260,6 +260,12 @@ class Snapshot:
         return {"updated_at": at, "version": self.version + 1}
 
 
+def state_date(snap: Snapshot) -> float:
+    """When the work's state last changed (``state_at``; for records of
+    older versions, without it: their last change of any kind)."""
+    return snap.state_at if snap.state_at is not None else (snap.updated_at or 0.0)
+
+
 def millis(ts: float) -> int:
     """The millisecond :func:`iso_time` reports for ``ts``."""
     return round(ts * 1_000_000) // 1000

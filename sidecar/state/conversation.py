@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..core.snapshot import Snapshot
+from ..core.snapshot import Snapshot, state_date
 from .evidence import Evidence
 
 if TYPE_CHECKING:
@@ -64,6 +64,20 @@ class View:
     last_event_id: str | None = None
     pending: list[Change] = field(default_factory=list)
     writer: asyncio.Task[None] | None = None
+    #: The newest state this replica has seen in the shared copy, read or
+    #: written (by ``state_at``): what it writes back when Redis lost its
+    #: data, even if it has since adopted an older one (a poll read the first
+    #: replica back's record before this replica found the restart).
+    known: Snapshot | None = None
+
+    def shared(self, rev: int, base: Snapshot) -> None:
+        """The shared copy as read or written: revision and snapshot."""
+        self.rev, self.base = rev, base
+        if base.status != "unknown" and (
+            self.known is None or state_date(base) >= state_date(self.known)
+        ):
+            self.known = base
+
     #: The body's shared version as last learnt, the one before it, and the
     #: conversation's epoch when it was learnt (sidecar.state.validators).
     body: int = 0

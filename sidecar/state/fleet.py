@@ -37,7 +37,8 @@ reads them there; Redis holds the shared copy and decides who does what:
   retried once on a new one, not taken as an outage; a restart is then
   noticed by Redis's ``run_id`` (``INFO``, at every heartbeat, and whenever
   the subscription reconnects, before any message it brings is read), and
-  every conversation the replica does not hold is read afresh and written
+  every conversation the replica does not hold is read afresh and the
+  newest state the replica saw in the shared copy (``View.known``) written
   back where Redis has an older state (no outage: its leases stay, and one
   Redis lost is set again at the next renewal, what the stream showed merged
   in). When Redis answers again after an outage a replica takes the
@@ -89,7 +90,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..core.snapshot import ACTIVE, Snapshot
+from ..core.snapshot import ACTIVE, Snapshot, state_date
 from . import records
 from .conversation import Change, Conversation, View
 from .ports import FleetHost, Transitions
@@ -286,6 +287,7 @@ class RedisStore(Store):
         self._changed_alone: set[str] = set()
         #: Redis's run_id as last seen (None: not asked yet; False: INFO refused).
         self._run_id: str | bool | None = None
+        self._resyncing: asyncio.Task[None] | None = None
         #: Counters for operators.
         self.counts: dict[str, int] = {
             "writes": 0,
@@ -392,7 +394,17 @@ class RedisStore(Store):
         self.leases.clear()
         await self._close_client()
 
+    def _forget_subscription(self) -> None:
+        """The check on reconnects taken off the subscription's connection
+        (it goes back to the pool with the subscription, for any command)."""
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None:
+            connection.deregister_connect_callback(self._subscribed)
+
     async def _close_client(self) -> None:
+        self._forget_subscription()
+        if self._resyncing is not None:
+            self._resyncing.cancel()
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.timeout):
@@ -478,7 +490,7 @@ class RedisStore(Store):
             self.touch(resource_id)  # its body may have changed meanwhile, unseen by Redis
         self._touched_alone.clear()
 
-    async def _write_back(self, conv: Conversation) -> None:
+    async def _write_back(self, conv: Conversation, seen: Snapshot | None = None) -> None:
         """What this replica knows of a conversation it does not hold, written
         back if Redis came back without it, or with an older state (restarted
         empty, or from an older save): the holder that saw the newest outcome
@@ -490,12 +502,14 @@ class RedisStore(Store):
         the same state or a newer one (a fleet's recovery is then one read
         per conversation and replica, not one write). Decided before
         anything is adopted: this replica never shows the older state
-        between the two."""
+        between the two. (``seen``: what it knew when the restart was found,
+        if not its snapshot now.)"""
         assert self._redis is not None
         view = conv.view
         if view is None:
             return
-        seen = conv.snapshot
+        if seen is None:
+            seen = view.known or conv.snapshot
         self.counts["reads"] += 1
         rev, data, body = await self._call(
             self._redis.hmget(self._rec(conv.id), "rev", "data", "body")
@@ -509,12 +523,15 @@ class RedisStore(Store):
                 return  # dropped: observed afresh, as any malformed record
         shared = record.snapshot if record is not None else None
         if seen.status != "unknown" and (
-            shared is None or shared.status == "unknown" or _state_date(shared) < _state_date(seen)
+            shared is None or shared.status == "unknown" or state_date(shared) < state_date(seen)
         ):
             if record is not None:
                 _take(view, record)
+            else:  # nothing there: written as the first record
+                view.rev, view.base = 0, Snapshot(session_id=seen.session_id)
             self._merge_seen(conv, "", seen)
         elif record is not None:
+            view.rev = 0  # (a Redis back from an older save has lower revisions)
             self._adopt(conv, record)
 
     def _merge_seen(self, conv: Conversation, lease: str, seen: Snapshot | None = None) -> None:
@@ -535,11 +552,11 @@ class RedisStore(Store):
             if shared.status != "unknown":
                 if known.status == "unknown":
                     return shared  # knowing nothing adds nothing to a state
-                if _state_date(shared) > _state_date(known):
+                if state_date(shared) > state_date(known):
                     return shared
                 if (
                     not lease
-                    and _state_date(shared) == _state_date(known)
+                    and state_date(shared) == state_date(known)
                     and (shared.updated_at or 0) >= (known.updated_at or 0)
                 ):
                     return shared  # the same state, as told since: nothing to add
@@ -728,65 +745,87 @@ class RedisStore(Store):
         no call of this replica failing (a pooled connection is retried on a
         new one, the subscription renewed by redis-py itself). The first
         caller to see a new run_id is told, once."""
-        from redis.exceptions import ResponseError
-
         if self._run_id is False or self._redis is None:
             return False
         try:
-            info = await self._call(self._guarded(self._redis.info("server"), ResponseError))
+            info = await self._call(self._guarded(self._redis.info("server")))
         except _Refused as exc:
-            text = str(exc)
-            if "NOPERM" in text or "unknown command" in text:
+            if exc.for_good:
                 # An ACL without INFO: the lease holders still notice (their renewal).
                 log.warning(
                     "redis refused INFO: a restart is noticed by the lease holders only",
-                    extra={"reason": text[:200]},
+                    extra={"reason": str(exc)[:200]},
                 )
                 self._run_id = False
-            return False  # (BUSY, LOADING...: asked again at the next beat)
+            return False  # (another refusal, BUSY: asked again at the next beat)
         run_id = info.get("run_id") if isinstance(info, dict) else None
         if not isinstance(run_id, str) or not run_id:
             return False
         before, self._run_id = self._run_id, run_id
         return isinstance(before, str) and before != run_id
 
-    async def _resync(self) -> None:
+    async def _resync(self, known: list[tuple[Conversation, Snapshot]] | None = None) -> None:
         """Redis restarted, and this replica did not see it go: no outage to
         recover from (its leases, where Redis kept them, are still its own;
         where it lost them, the next renewal sets them again and merges what
         the stream showed). Every conversation it does not hold is read
         afresh, and what it knows written back where Redis has an older
-        state or none (:meth:`_write_back`)."""
+        state or none (:meth:`_write_back`). ``known``: what it knew when the
+        restart was found (:meth:`_known_now`)."""
+        if known is None:
+            known = self._known_now()
+        log.warning("redis restarted: its copy is read afresh, and written back where older")
+        try:
+            for conv, seen in known:
+                await self._write_back(conv, seen)
+        except StoreError as exc:
+            self.degrade(str(exc))  # then the recovery writes back everything
+
+    def _known_now(self) -> list[tuple[Conversation, Snapshot]]:
+        """What this replica knows of each conversation it does not hold, as
+        the restart is found: a record adopted afterwards (another replica's
+        write-back of an older state) cannot change what it writes back."""
         registry = self._registry
         if registry is None:
-            return
-        log.warning("redis restarted: its copy is read afresh, and written back where older")
-        for conv in registry.conversations():
-            view = conv.view
-            if view is not None and self._key(conv) not in self.leases:
-                view.rev, view.base = 0, Snapshot(session_id=conv.snapshot.session_id)
-                await self._write_back(conv)
+            return []
+        return [
+            (conv, conv.view.known or conv.snapshot)
+            for conv in registry.conversations()
+            if conv.view is not None and self._key(conv) not in self.leases
+        ]
 
     async def _subscribed(self, connection: Any) -> None:
         """The subscription's connection (re)opened (redis-py reconnects it by
         itself): a Redis restarted meanwhile is found out here, before any
         message it brings is read (another replica's write-back of an older
         state would otherwise be adopted first)."""
+        if self._pubsub is None or connection is not getattr(self._pubsub, "connection", None):
+            return  # a connection the subscription gave back to the pool
         try:
-            if await self._restarted():
-                await self._resync()
+            restarted = await self._restarted()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the heartbeat asks again; the subscription goes on
             log.warning("redis restart check failed", extra={"reason": str(exc)[:200]})
+            return
+        if restarted:
+            # Decided now, written in a task of its own: the subscription's
+            # messages are not held up by the writes.
+            known = self._known_now()
+            self._resyncing = asyncio.get_running_loop().create_task(self._resync(known))
+            self._resyncing.add_done_callback(_consume)
 
     @staticmethod
-    async def _guarded(awaitable: Any, refused: type[BaseException]) -> Any:
-        """``awaitable``, its ``refused`` error told apart from an outage."""
+    async def _guarded(awaitable: Any) -> Any:
+        """``awaitable``, a refusal of the command told apart from an outage."""
+        from redis.exceptions import NoPermissionError, ResponseError
+
         try:
             return await awaitable
-        except refused as exc:
-            raise _Refused(str(exc)) from None
+        except NoPermissionError as exc:
+            raise _Refused(str(exc), for_good=True) from None
+        except ResponseError as exc:
+            raise _Refused(str(exc), for_good="unknown command" in str(exc).lower()) from None
 
     async def _renew(self) -> None:
         try:
@@ -1042,6 +1081,7 @@ class RedisStore(Store):
         while not self._closing and not (me is not None and me.cancelling()):
             try:
                 assert self._redis is not None
+                self._forget_subscription()
                 self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await self._call(self._pubsub.subscribe(self.channel))
                 connection = getattr(self._pubsub, "connection", None)
@@ -1248,7 +1288,7 @@ class RedisStore(Store):
             self.counts["writes"] += 1
             if push is not None and self.transitions is not None:
                 self.transitions.shared(push, [int(i) for i in result[2]])
-            view.rev, view.base = int(result[1]), snap
+            view.shared(int(result[1]), snap)
             if fence:
                 view.holder = self.replica
             del view.pending[: len(batch)]
@@ -1280,16 +1320,15 @@ class RedisStore(Store):
 class _Refused(Exception):
     """Redis answered, and refused the command (not an outage)."""
 
-
-def _state_date(snap: Snapshot) -> float:
-    """When the work's state last changed (records of older versions: their
-    last change of any kind)."""
-    return snap.state_at if snap.state_at is not None else (snap.updated_at or 0.0)
+    def __init__(self, text: str, for_good: bool) -> None:
+        super().__init__(text)
+        self.for_good = for_good
 
 
 def _take(view: View, record: SharedRecord) -> None:
     """A checked shared record made the view's base."""
-    view.rev, view.base, view.holder = record.rev, record.snapshot, record.holder
+    view.shared(record.rev, record.snapshot)
+    view.holder = record.holder
     view.last_event_id = record.last_event_id
 
 
