@@ -500,10 +500,10 @@ class RedisStore(Store):
         Otherwise Redis's copy is adopted, as a read adopts it. Nothing is
         written for what this replica knows nothing of, nor where Redis has
         the same state or a newer one (a fleet's recovery is then one read
-        per conversation and replica, not one write). Decided before
-        anything is adopted: this replica never shows the older state
-        between the two. (``seen``: what it knew when the restart was found,
-        if not its snapshot now.)"""
+        per conversation and replica, not one write). Decided on the newest
+        state it saw in the shared copy (``View.known``), not on what it
+        shows: a poll may have adopted the older record first. (``seen``:
+        what it knew when the restart was found.)"""
         assert self._redis is not None
         view = conv.view
         if view is None:
