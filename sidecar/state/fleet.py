@@ -1222,6 +1222,17 @@ class RedisStore(Store):
             0,  # the outbox lists' bound: none are pushed to unless a push says
         ]
 
+    def _settled(self, conv: Conversation, batch: list[Change]) -> None:
+        """A batch of changes done with (written, or nothing to write): off
+        the queue, its waiters told, this replica's copy rebased."""
+        view = conv.view
+        assert view is not None and self._registry is not None
+        del view.pending[: len(batch)]
+        for change in batch:
+            if change.done is not None and not change.done.done():
+                change.done.set_result(None)
+        self._registry.rebased(conv)
+
     async def _write(self, conv: Conversation) -> None:
         view = conv.view
         assert view is not None
@@ -1237,12 +1248,7 @@ class RedisStore(Store):
             if snap is view.base and not fence:
                 # Nothing to change in what Redis has (a merge that found it
                 # newer): not written, so not announced to every replica.
-                del view.pending[: len(batch)]
-                for change in batch:
-                    if change.done is not None and not change.done.done():
-                        change.done.set_result(None)
-                assert self._registry is not None
-                self._registry.rebased(conv)
+                self._settled(conv, batch)
                 continue
             keys = [self._rec(conv.id), f"{self.prefix}watch", self._lease(self._key(conv))]
             args = self._write_args(conv, view.rev, snap, fence)
@@ -1291,12 +1297,7 @@ class RedisStore(Store):
             view.shared(int(result[1]), snap)
             if fence:
                 view.holder = self.replica
-            del view.pending[: len(batch)]
-            for change in batch:
-                if change.done is not None and not change.done.done():
-                    change.done.set_result(None)
-            assert self._registry is not None
-            self._registry.rebased(conv)
+            self._settled(conv, batch)
         for change in view.pending if self.degraded is not None else ():
             if change.done is not None and not change.done.done():
                 change.done.set_result(None)
