@@ -56,6 +56,16 @@ class Gptme:
             assert resp.status == 200, await resp.text()
             return cid, str((await resp.json())["session_id"])
 
+    async def direct(self, cid: str) -> Any:
+        """The conversation as gptme itself answers a GET. Its own 500 (the
+        HTML one of 0.31.0 under concurrent GETs) fails with a message that
+        ``servers.UPSTREAM_FAULTS`` reruns the scenario on."""
+        url = self.conversation_url(cid, direct=True)
+        async with self.http.get(url, headers=self.headers) as resp:
+            text = await resp.text()
+            assert resp.status == 200, f"GET {url}: {resp.status} {text[:80]}"
+            return orjson.loads(text)
+
     def witness(self, cid: str) -> Witness:
         return Witness(self.http, self.conversation_url(cid, direct=True) + "/events", self.headers)
 
@@ -100,9 +110,7 @@ async def test_a_failed_step_is_readable_as_state(gptme: Gptme) -> None:
         await witness.wait_for("error")
     assert state["generating"] is False
     assert "Incorrect API key" in state["last_error"]
-    url = gptme.conversation_url(cid, direct=True)
-    async with gptme.http.get(url, headers=gptme.headers) as direct:
-        own = (await direct.json()).get("session")
+    own = (await gptme.direct(cid)).get("session")
     if not gptme.modern:
         assert own is None  # 0.31.0: nothing at all says it failed
     # (0.35.1's own field names whichever session was active last: the
