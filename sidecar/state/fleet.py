@@ -408,7 +408,8 @@ class RedisStore(Store):
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.timeout):
-                    await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                    # (untyped before redis-py 8.2, typed since)
+                    await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             self._pubsub = None
         if self._redis is not None:
             with contextlib.suppress(Exception):
@@ -1099,7 +1100,7 @@ class RedisStore(Store):
                 self.degrade(f"redis: {type(exc).__name__}: {exc}")
             if self._pubsub is not None:
                 with contextlib.suppress(Exception):
-                    await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await self._pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
                 self._pubsub = None
             await asyncio.sleep(min(1.0, self.lease_ttl / 3))
 
