@@ -13,6 +13,7 @@ neither the body nor the snapshot changed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Container
 
 from ..core.snapshot import Snapshot
@@ -64,7 +65,12 @@ def _ours(tag: str) -> tuple[str, str] | None:
     return head, digest
 
 
+@functools.lru_cache(maxsize=256)
 def _opaque(upstream_etag: str | None) -> str:
+    """The upstream tag's opaque part: its first tag's, unquoted. Remembered
+    for the last 256 tags (a cache hit asks again for the same entry's tag;
+    at most 256 heads' worth of text, 2 MiB for tags of aiohttp's 8 KiB
+    field limit)."""
     if not upstream_etag:
         return ""
     tags = parse_etags(upstream_etag)
