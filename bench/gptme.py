@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))
 
 from run import ADMIN_TOKEN, Figures, Processes, free_port, wait_port  # noqa: E402
 
+from sidecar.config import Settings  # noqa: E402
 from tests.real import servers  # noqa: E402
 
 #: 40 messages: about 64 KiB as gptme serves them (it sends the log twice,
@@ -308,14 +309,15 @@ def main() -> int:
     parser.add_argument(
         "--cache-max-age",
         type=float,
-        default=5.0,
-        help="the cache-on sidecar's cache_max_age (5: its default)",
+        default=Settings.cache_max_age,
+        help=f"the cache-on sidecar's cache_max_age ({Settings.cache_max_age:g}: its default)",
     )
     parser.add_argument(
         "--cache-stale-while-revalidate",
         type=float,
-        default=5.0,
-        help="its cache_stale_while_revalidate (5: its default); a change made without an event"
+        default=Settings.cache_stale_while_revalidate,
+        help=f"its cache_stale_while_revalidate ({Settings.cache_stale_while_revalidate:g}: its "
+        "default); a change made without an event"
         " is seen up to the sum of the two late",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here (bench/ab.py)")

@@ -107,9 +107,13 @@ def main() -> int:
                 if name != "nginx":
                     warm(f"http://127.0.0.1:{port}")
             runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-            for _ in range(args.rounds):
+            names = list(fronts)
+            for round_ in range(args.rounds):
+                # Each round starts with the next front: none always follows another.
+                turn = names[round_ % len(names) :] + names[: round_ % len(names)]
                 for cid in TARGETS:
-                    for name, port in fronts.items():
+                    for name in turn:
+                        port = fronts[name]
                         url = f"http://127.0.0.1:{port}/api/v2/conversations/{cid}"
                         runs.setdefault((cid, name), []).append(
                             wrk(url, args.duration, args.connections)
@@ -119,7 +123,8 @@ def main() -> int:
             procs.stop()
     print(
         f"wrk: 1 thread, {args.connections} connections, {args.duration:g} s per run, "
-        f"medians of {args.rounds} rounds, every front once per round in turn\n"
+        f"medians of {args.rounds} rounds, every front once per round in turn, "
+        "each round starting with the next\n"
     )
     head = f"{'body':>7} | {'front':<12} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | x nginx"
     print(head)

@@ -485,8 +485,11 @@ class Settings:
     store_adopt: bool = False
     merge_limit: int = 32 * 1024 * 1024
     cache: str = "off"
-    cache_max_age: float = 5.0
-    cache_stale_while_revalidate: float = 5.0
+    # Together they bound how late a change made without an event is seen
+    # (10 s); fresh for 6 of them keeps the expiry's own GETs under 2% of the
+    # polls of ten pollers a conversation polling once a second (docs/cache.md).
+    cache_max_age: float = 6.0
+    cache_stale_while_revalidate: float = 4.0
     cache_revalidations: int = 4
     cache_max_bytes: int = 64 * 1024 * 1024
     list_observe: int = 10
