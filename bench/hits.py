@@ -109,8 +109,12 @@ def main() -> int:
             runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
             names = list(fronts)
             for round_ in range(args.rounds):
-                # Each round starts with the next front: none always follows another.
-                turn = names[round_ % len(names) :] + names[: round_ % len(names)]
+                # Rotated every second round, reversed every other one (ABBA
+                # with two fronts): no front always runs after the same one.
+                shift = (round_ // 2) % len(names)
+                turn = names[shift:] + names[:shift]
+                if round_ % 2:
+                    turn.reverse()
                 for cid in TARGETS:
                     for name in turn:
                         port = fronts[name]
@@ -124,7 +128,7 @@ def main() -> int:
     print(
         f"wrk: 1 thread, {args.connections} connections, {args.duration:g} s per run, "
         f"medians of {args.rounds} rounds, every front once per round in turn, "
-        "each round starting with the next\n"
+        "rotated and reversed in turn\n"
     )
     head = f"{'body':>7} | {'front':<12} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | x nginx"
     print(head)

@@ -487,7 +487,8 @@ class Settings:
     cache: str = "off"
     # Together they bound how late a change made without an event is seen
     # (10 s); fresh for 6 of them keeps the expiry's own GETs under 2% of the
-    # polls of ten pollers a conversation polling once a second (docs/cache.md).
+    # polls of ten pollers a conversation polling once a second
+    # (docs/performance.md).
     cache_max_age: float = 6.0
     cache_stale_while_revalidate: float = 4.0
     cache_revalidations: int = 4

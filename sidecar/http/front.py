@@ -72,13 +72,6 @@ log = logging.getLogger("sidecar.front")
 MAX_HEAD = 8192
 MAX_HEADERS = 128  # aiohttp's limit; a request with more is handed over, and refused
 MAX_BUFFERED = 64 * 1024
-#: An answer made at once (a cache hit) whose body is up to this size is
-#: copied after its head and written in one call, uvloop's fastest; a larger
-#: body goes beside its head in one gathered write (one ``writev``), never in
-#: two writes. Measured (docs/performance.md): a gathered write made a 2 KiB
-#: hit ~20% slower than the copy, and a 64 KiB hit ~20% faster than two
-#: writes and ~4% faster than the copy.
-SMALL_BODY = 16 * 1024
 #: Request heads remembered as parsed (a poller sends the same head each
 #: time), oldest out: at most this many bytes, counted as KNOWN_HEAD_COST
 #: per byte of a head (its bytes, its target, its headers) plus
@@ -701,10 +694,9 @@ class _Exchange:
         self.sent = len(body)
         transport = self._conn.transport
         if transport is not None and not self._conn.lost:
-            if len(body) <= SMALL_BODY:
-                transport.write(head + body)
-            else:
-                transport.writelines((head, body))
+            transport.write(head + body if len(body) <= 65536 else head)
+            if len(body) > 65536:
+                transport.write(body)
         self.complete = True
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from sidecar.demo.fake import FakeGptme, Outcome
@@ -513,40 +512,3 @@ async def test_a_hit_says_what_is_true_now_however_often_its_head_is_reused(gptm
     assert int(later.headers["Age"]) >= age + 1
     assert later.headers["ETag"] == failed.headers["ETag"]
     assert body["session"]["status"] == "failed"
-
-
-async def test_hits_pipelined_on_one_connection_come_whole_and_in_order(gptme) -> None:
-    """A small answer and a large one from the cache, asked for in turn on
-    one connection: each whole and in the order asked (the front door writes
-    a small one after its head in one write, a large one beside it)."""
-    g = await gptme(sidecar_options=CACHE)
-    sizes = {"small": 100, "large": 200_000}
-    for cid, size in sizes.items():
-        await g.create(cid)
-        g.fake.conversations[cid].log.append({"role": "user", "content": "x" * size})
-    host, port = g.sidecar.url.removeprefix("http://").split(":")
-    order = ["small", "large"] * 4
-
-    async def ask(cids: list[str]) -> list[tuple[bytes, bytes]]:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            for cid in cids:
-                writer.write(
-                    f"GET /api/v2/conversations/{cid} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-                )
-            await writer.drain()
-            answers = []
-            for _ in cids:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                answers.append((head, await asyncio.wait_for(reader.readexactly(length), 5)))
-            return answers
-        finally:
-            writer.close()
-
-    await ask(list(sizes))  # the streams open, each answer is stored
-    await eventually(lambda: all(g.sidecar.snapshot(c).stream == "live" for c in sizes))
-    await ask(list(sizes))
-    for cid, (head, body) in zip(order, await ask(order), strict=True):
-        assert b"Cache-Status: sidecar; hit" in head, head
-        assert orjson.loads(body)["log"][-1]["content"] == "x" * sizes[cid]
