@@ -149,7 +149,12 @@ async def test_a_finished_step_is_read_with_its_answer(gptme: Gptme) -> None:
     # Waited for in the sidecar, not by polling: gptme 0.31.0 often breaks a
     # conversation for good (its HTML 500 at every GET after) when a GET
     # comes while a step writes it.
-    await eventually(lambda: gptme.sidecar.snapshot(cid).status == "completed", timeout=15)
+    await eventually(
+        lambda: gptme.sidecar.snapshot(cid).status in ("completed", "failed"), timeout=15
+    )
+    state = gptme.sidecar.snapshot(cid)
+    # (A failure names its cause: gptme 0.31.0's workspace race is a rerun.)
+    assert state.status == "completed", state.last_error
     # From the moment the state says completed, the answer is in the body.
     for _ in range(10):
         answer = await answered(gptme, cid)
