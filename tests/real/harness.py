@@ -22,7 +22,7 @@ import orjson
 from sidecar.core.schema import snapshot_schema, webhook_schema
 from sidecar.core.sse import EventDecoder
 
-from .servers import WORKSPACE_RACE
+from .servers import WORKSPACE_RACE, upstream_error
 
 __all__ = ["Poller", "Relay", "Witness", "check_merged", "check_webhook"]
 
@@ -194,7 +194,7 @@ class Poller:
         for _ in range(300):  # up to 15 s
             async with self.http.get(self.url(resource_id), headers=self.headers) as resp:
                 text = await resp.text()
-            if resp.status >= 500 and '"source":"sidecar"' not in text:
+            if upstream_error(resp.status, text.encode()):
                 # gptme 0.31.0 answers some GETs with an HTML 500: under
                 # concurrent GETs, and for a while during an auto-confirmed
                 # tool run ("ChatConfig has no logdir set"). Passed through as

@@ -64,6 +64,12 @@ GPTME_CRASHED = r': 500 \{"error": "The server encountered an internal error'
 UPSTREAM_FAULTS = [WORKSPACE_RACE, r": 500 <!doctype html>", GPTME_CRASHED]
 
 
+def upstream_error(status: int, body: bytes) -> bool:
+    """A 5xx the sidecar relayed from the upstream, not one of its own (those
+    are JSON with ``"source":"sidecar"``)."""
+    return status >= 500 and b'"source":"sidecar"' not in body
+
+
 def gptme_conversation(cid: str, scenario: str) -> dict[str, object]:
     """The body of a PUT that creates a gptme conversation asking the fake
     model for ``scenario`` (the id keeps each conversation's model calls apart)."""

@@ -71,7 +71,7 @@ async def poll(gptme: Gptme, cid: str) -> tuple[str, list[str]]:
     url = gptme.conversation_url(cid)
     async with gptme.http.get(url, headers=gptme.headers) as resp:
         body = await resp.read()
-        if resp.status >= 500 and b'"source":"sidecar"' not in body:
+        if servers.upstream_error(resp.status, body):
             raise GptmeFault(f"GET {url}: {resp.status} {body[:80].decode(errors='replace')}")
         assert resp.status == 200, body
         log = orjson.loads(body)["log"]
