@@ -24,7 +24,11 @@ So before forwarding a trigger the proxy takes :func:`trigger_token` (the
 snapshot's ``state_seq``), and the answer is applied only if no event changed
 the state since: gptme 0.35.1 can finish a whole step before ``/step``
 answers, and that answer must not turn "completed" back into "starting". A
-rejected trigger (4xx) changes nothing, so the previous state stands.
+rejected trigger (4xx) changes nothing, so the previous state stands. In a
+fleet, a trigger is also noted as forwarded (:func:`forwarding`) before it
+goes out, and the note cleared by its answer (:func:`answered`) or by any new
+state: a note left behind means the replica that forwarded it was lost
+before the answer (:func:`in_flight`).
 
 Nothing here does I/O or reads a clock it was not given: every function is
 deterministic and testable in microseconds.
@@ -43,11 +47,15 @@ from .snapshot import ACTIVE, STREAM_STATES, Snapshot, iso_time
 
 __all__ = [
     "accept_trigger",
+    "answered",
     "apply_event",
     "choose",
     "fail",
     "fail_trigger",
     "field_value",
+    "forwarding",
+    "in_flight",
+    "is_active",
     "learn_session",
     "reduce_event",
     "stream_changed",
@@ -145,6 +153,7 @@ def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: flo
         retry=retry,
         state_seq=snap.state_seq + 1,
         state_at=moved["updated_at"],
+        forwarded_at=None,  # a new state: no step left unaccounted for
         **moved,
     )
 
@@ -279,8 +288,30 @@ def fail(snap: Snapshot, error: str, now: float) -> Snapshot:
         last_error=error,
         state_seq=snap.state_seq + 1,
         state_at=moved["updated_at"],
+        forwarded_at=None,
         **moved,
     )
+
+
+def forwarding(snap: Snapshot, at: float) -> Snapshot:
+    """A trigger goes upstream now (``at``): noted, never served, until its
+    answer is applied (:func:`answered`) or a new state makes it moot.
+
+    In a fleet the note is in the shared store before the request leaves, so
+    that if the replica forwarding it is lost before the answer, whoever
+    takes the stream over knows a step may be running that nobody saw start
+    (see ``sidecar.state.evidence``)."""
+    if snap.forwarded_at == at:
+        return snap
+    return replace(snap, forwarded_at=at, version=snap.version + 1)
+
+
+def answered(snap: Snapshot, at: float) -> Snapshot:
+    """The trigger forwarded at ``at`` has its answer (or none will come):
+    its note goes (not another trigger's, forwarded since)."""
+    if snap.forwarded_at != at:
+        return snap
+    return replace(snap, forwarded_at=None, version=snap.version + 1)
 
 
 def learn_session(snap: Snapshot, session_id: str) -> Snapshot:
@@ -300,3 +331,9 @@ def stream_changed(snap: Snapshot, stream: str, now: float) -> Snapshot:
 def is_active(snap: Snapshot) -> bool:
     """Work is in flight: the subscription must not be closed to save room."""
     return snap.status in ACTIVE
+
+
+def in_flight(snap: Snapshot) -> bool:
+    """Work is, or may be, in flight: active, or a trigger forwarded whose
+    answer nobody applied (its forwarder may be lost). Its evidence is watched."""
+    return snap.status in ACTIVE or snap.forwarded_at is not None

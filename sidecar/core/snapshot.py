@@ -166,6 +166,11 @@ class Snapshot:
     #: with the stream too, and when a replica learns a state): which of two
     #: replicas' states is the newer outcome, after Redis lost both.
     state_at: float | None = None
+    #: Wall-clock time a trigger was forwarded upstream whose answer is not
+    #: applied yet (a fleet only: written to the shared store before the
+    #: request goes out). Never served: it tells a replica taking the stream
+    #: over that a step may be running which only a lost replica knew of.
+    forwarded_at: float | None = None
 
     @property
     def generating(self) -> bool | None:
@@ -214,6 +219,7 @@ class Snapshot:
             "version": self.version,
             "state_seq": self.state_seq,
             "state_at": self.state_at,
+            "forwarded_at": self.forwarded_at,
         }
 
     @classmethod
@@ -230,6 +236,7 @@ class Snapshot:
             version=int(kept.get("version") or 0),
             state_seq=int(kept.get("state_seq") or 0),
             state_at=kept.get("state_at"),
+            forwarded_at=kept.get("forwarded_at"),
             stream=stream if stream in STREAM_STATES else "connecting",
         )
 

@@ -125,6 +125,7 @@ class FakeGptme:
         heartbeat: float = 15.0,
         outcome: Outcome | None = None,
         get_delay: float = 0.0,
+        step_answer_delay: float = 0.0,
     ) -> None:
         if version not in ("0.31.0", "0.35.1"):
             raise ValueError(f"unknown version {version!r}")
@@ -138,6 +139,9 @@ class FakeGptme:
         self.outcome = outcome or Outcome()
         #: Seconds a conversation's GET takes (the real server's is ~70 ms at 64 KiB).
         self.get_delay = get_delay
+        #: Seconds a step's answer waits once the step runs (a slow or distant
+        #: upstream: the proxy forwarding it may be lost before the answer).
+        self.step_answer_delay = step_answer_delay
         #: Conversation GETs being answered now (while delayed), and the most so far.
         self.gets_at_once = 0
         self.most_gets_at_once = 0
@@ -375,6 +379,8 @@ class FakeGptme:
             return self._json(request, {"error": "Generation already in progress"}, 409)
         session.auto_confirm = bool(body.get("auto_confirm"))
         first = self._start(conv, session, self.planned.pop(cid, self.outcome))
+        if self.step_answer_delay:
+            await asyncio.sleep(self.step_answer_delay)
         if self.modern:
             # 0.35.1 waits up to 5 s for the first token or an early error.
             with contextlib.suppress(TimeoutError):

@@ -11,6 +11,11 @@ In order:
 3. The reducer's token is taken *before* the request goes upstream: events
    are the truth, and an answer that arrives after events of its own work
    must not undo them (``sidecar.core.reducer``).
+   In a fleet the trigger is then noted in the shared store as forwarded,
+   and the request goes once the note is written (up to ``store_timeout``):
+   if this replica is lost before the answer, the one taking the stream over
+   judges the step by the evidence rules (``sidecar.state.evidence``),
+   rather than nobody knowing it ran. The answer clears the note.
 4. The answer: a 2xx applies the trigger's ``on_accept`` rules (``starting``
    at once, so the next GET says ``generating: true``); a 5xx carrying an
    error (gptme 0.35.1's early failure) fails the work with it; a 401/403
@@ -85,10 +90,23 @@ class Triggers:
                 raise self.upstream.stalled() from None
             body = json_object(data)
         token = reducer.trigger_token(conv.snapshot) if conv is not None else None
+        forwarded = None
+        if conv is not None:
+            noted = registry.forwarding(conv)
+            if noted is not None:
+                forwarded, done = noted
+                if done is not None:
+                    await registry.written(done)
         try:
             upstream = await self.upstream.send(exchange, target, data=data)
+        except BaseException:
+            if forwarded is not None and conv is not None:
+                registry.answered(conv, forwarded)  # alive: its stream tells the rest
+            raise
         finally:
             registry.write_answered(resource_id)  # a step may write to it at once
+        if forwarded is not None and conv is not None and not 200 <= upstream.status < 300:
+            registry.answered(conv, forwarded)
         if 200 <= upstream.status < 300:
             conv = registry.observe(resource_id, client)
             session_id = json_field(body, trigger.session_field)
@@ -96,7 +114,7 @@ class Triggers:
                 registry.update(conv, lambda s: reducer.learn_session(s, session_id))
             if token is None:
                 token = reducer.trigger_token(conv.snapshot)
-            written = registry.accept_trigger(conv, token, trigger, body)
+            written = registry.accept_trigger(conv, token, trigger, body, forwarded)
             if written is not None:
                 # A shared store: the answer goes once every replica's next
                 # read sees the step (or store_timeout has passed).

@@ -7,18 +7,29 @@ evidence may be missing, one timer per conversation is armed; an event of
 the work disarms it; if it runs out first, the work ends ``failed`` with a
 ``last_error`` that says why. Every rule is a row of :data:`WATCHES`:
 
-=========  ===============================  =================  ==================
-watch      armed when                       waits              then
-=========  ===============================  =================  ==================
-start      a trigger was accepted           ``start_timeout``  failed
-lost       the stream dropped mid-step      ``stale_after``    failed
-restart    restored mid-step at start       ``stale_after``    failed
-takeover   taken over from another replica  ``stale_after``    failed
+=========  ===============================  ===================  ========
+watch      armed when                       waits                then
+=========  ===============================  ===================  ========
+start      a trigger was accepted           ``start_timeout``    failed
+lost       the stream dropped mid-step      ``stale_after``      failed
+restart    restored mid-step at start       ``stale_after``      failed
+takeover   taken over from another replica  ``stale_after``      failed
+forwarded  taken over with a trigger whose  ``stale_after``      failed
+           forwarder was lost before its
+           answer (a fleet only)
 confirm    the stream is live again after   ``confirm_timeout``  failed
-           lost, restart or takeover
-=========  ===============================  =================  ==================
+           lost, restart, takeover or
+           forwarded
+=========  ===============================  ===================  ========
 
 A stream refused for good (``lost``) while work is in flight fails it at once.
+
+``forwarded`` covers a step only a lost replica knew of: it sent the step
+upstream and was killed before the answer, and the step's events went to the
+stream it held (gptme 0.31.0 replays none). The note it wrote to the shared
+store before forwarding (``Snapshot.forwarded_at``) is the only trace left;
+the replica taking the stream over judges it like work in flight, whatever
+the status says (the step before's outcome, most often).
 
 gptme 0.31.0 cannot say whether a step still runs, and after a restart of
 the upstream or of the sidecar nothing says it stopped: only the events
@@ -71,6 +82,13 @@ WATCHES: dict[str, Watch] = {
         "stale_after",
         "the replica watching it was lost mid-step and no stream came back within {wait:g} s",
         "the replica watching it was lost mid-step; once another's stream was live",
+    ),
+    "forwarded": Watch(
+        "stale_after",
+        "a replica was lost with a step it had forwarded, before the upstream answered, "
+        "and its stream did not come back within {wait:g} s",
+        "a replica was lost with a step it had forwarded, before the upstream answered; "
+        "once another's stream was live",
     ),
     "confirm": Watch(
         "confirm_timeout", "{before}, the upstream showed no sign of the step within {wait:g} s"
@@ -176,5 +194,5 @@ class Watches(Generic[W]):
         evidence = conv.evidence
         evidence.timer = None
         evidence.kind = ""
-        if evidence.last_work_at < armed_at and reducer.is_active(conv.snapshot):
+        if evidence.last_work_at < armed_at and reducer.in_flight(conv.snapshot):
             self._fail(conv, reason)

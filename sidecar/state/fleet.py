@@ -28,7 +28,11 @@ reads them there; Redis holds the shared copy and decides who does what:
   lapsed, and takes them over (from a SIGKILL: within ``lease_ttl``), as a
   restarted sidecar does: ``Last-Event-ID`` where the upstream has ids, and
   work in flight must show an event within ``confirm_timeout`` of the new
-  stream being live.
+  stream being live. A trigger is noted in the shared copy before it is
+  forwarded (``forwarded_at``, cleared by its answer): a step sent by a
+  replica killed before the upstream answered is judged the same way by the
+  one taking its stream over, even when the status still shows the step
+  before's outcome (the lost replica alone saw it start).
 * **Redis down or slow never stops the proxy.** Every call is bounded by
   ``store_timeout``; on a failure the replica marks the store degraded
   (``/readyz`` stays 200 and says so, as does ``sidecar_store_degraded``),
@@ -105,7 +109,8 @@ __all__ = ["RedisStore"]
 
 log = logging.getLogger("sidecar.fleet")
 
-#: Statuses whose conversations are listed for takeover: work in flight, or a human awaited.
+#: Statuses whose conversations are listed for takeover: work in flight, or a
+#: human awaited (and any with a trigger noted as forwarded, not answered yet).
 WATCHED = ACTIVE | {"awaiting_tool", "awaiting_input"}
 
 # KEYS: record, watch set, lease ("" when unfenced), then webhook outbox lists
@@ -1212,7 +1217,7 @@ class RedisStore(Store):
         return [
             base_rev,
             _data(snap, conv.transitions, holder, leid),
-            int(snap.status in WATCHED),
+            int(snap.status in WATCHED or snap.forwarded_at is not None),
             conv.id,
             int(self.retention * 1000),
             lease,

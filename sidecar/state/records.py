@@ -14,7 +14,8 @@ checked it:
 * **sizes**: ``last_error``, a pending tool, a retry's fields each within
   what one event may carry (``max_event_bytes``); at most
   ``TRANSITIONS_KEPT`` transitions; a whole record within the sum of those;
-* **numbers** finite and in range: ``updated_at`` between the epoch and a day
+* **numbers** finite and in range: ``updated_at`` (``state_at``,
+  ``forwarded_at``) between the epoch and a day
   from now (a later one would win every comparison of age forever),
   ``version``, ``state_seq`` and revisions between 0 and 2**53;
 * **``last_event_id``** header-safe (it is sent as ``Last-Event-ID``): no
@@ -259,6 +260,7 @@ def snapshot(kept: Any, limit: int, stream: Any = "connecting") -> Snapshot:
         version=count(kept.get("version") or 0, "version"),
         state_seq=count(kept.get("state_seq") or 0, "state_seq"),
         state_at=state_at,
+        forwarded_at=_time(kept.get("forwarded_at"), "forwarded_at"),
     )
 
 

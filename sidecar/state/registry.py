@@ -68,6 +68,9 @@ class RegistrySettings:
     stale_after: float | None
     start_timeout: float
     confirm_timeout: float
+    #: With ``lease_ttl``: how long a forwarded trigger's note is judged.
+    response_timeout: float
+    lease_ttl: float
     reconnect_min: float
     reconnect_max: float
     max_subscriptions: int
@@ -323,15 +326,62 @@ class Registry:
     # ------------------------------------------------------------ evidence
     # Work in flight must keep showing evidence (sidecar.state.evidence).
 
+    def forwarding(self, conv: Conversation) -> tuple[float, asyncio.Future[None] | None] | None:
+        """A trigger is about to go upstream. In a fleet, it is noted in the
+        shared copy first (``Snapshot.forwarded_at``; the future: written), so
+        that a replica taking the stream over knows of it if this one is lost
+        before the answer. The note's time is what :meth:`answered` and
+        :meth:`accept_trigger` clear. None: alone, nothing to note (a
+        process lost takes its stream with it; a restart judges by status)."""
+        fleet = self.fleet
+        if fleet is None or fleet.degraded is not None:
+            return None
+        at = time.time()
+        return at, self.update(conv, lambda s: reducer.forwarding(s, at))
+
+    def answered(self, conv: Conversation, forwarded: float) -> None:
+        """The trigger noted at ``forwarded`` got an answer that changes no
+        state (or none at all): its note goes."""
+        self.update(conv, lambda s: reducer.answered(s, forwarded))
+
     def accept_trigger(
-        self, conv: Conversation, token: int, trigger: Trigger, body: dict[str, Any]
+        self,
+        conv: Conversation,
+        token: int,
+        trigger: Trigger,
+        body: dict[str, Any],
+        forwarded: float | None = None,
     ) -> asyncio.Future[None] | None:
+        """The upstream accepted the trigger (forwarded, in a fleet, at
+        ``forwarded``: its note goes in the same write)."""
         before = conv.snapshot
         now = time.time()
-        done = self.update(conv, lambda s: reducer.accept_trigger(s, token, trigger, body, now))
+
+        def accept(snap: Snapshot) -> Snapshot:
+            snap = reducer.accept_trigger(snap, token, trigger, body, now)
+            return snap if forwarded is None else reducer.answered(snap, forwarded)
+
+        done = self.update(conv, accept)
         if conv.snapshot is not before and reducer.is_active(conv.snapshot):
             self._watch_start(conv)
         return done
+
+    def _watch_in_flight(self, conv: Conversation, kind: str) -> None:
+        """After a takeover: work in flight is watched as ``kind`` says, and a
+        trigger whose forwarder was lost before its answer (a note younger
+        than the upstream's ``response_timeout`` and a lease or two, the
+        longest a living forwarder or a takeover takes) as ``forwarded``."""
+        snap = conv.snapshot
+        if reducer.is_active(snap):
+            self._watches.arm(conv, kind)
+        elif snap.forwarded_at is not None:
+            window = self.settings.response_timeout + 2 * self.settings.lease_ttl
+            if time.time() - snap.forwarded_at <= window:
+                self._watches.arm(conv, "forwarded")
+            else:
+                # Too old to be judged (its forwarder lost, the step not
+                # run): dropped, so the record leaves the takeover list.
+                self.answered(conv, snap.forwarded_at)
 
     def _watch_start(self, conv: Conversation) -> None:
         """Some event of the accepted work must arrive in time (watched by
@@ -477,7 +527,7 @@ class Registry:
         for conv in self.conversations_of(sub.key):
             before = conv.snapshot.stream
             self.update(conv, lambda s: reducer.stream_changed(s, stream, now), sub)
-            if reducer.is_active(conv.snapshot):
+            if reducer.is_active(conv.snapshot) or conv.evidence.kind == "forwarded":
                 failed = self._watches.stream_changed(conv, before, stream)
                 if failed is not None:
                     self._fail(conv, failed)
@@ -567,8 +617,7 @@ class Registry:
             return False
         for conv in convs:
             conv.subscription = sub
-            if reducer.is_active(conv.snapshot):
-                self._watches.arm(conv, "takeover")
+            self._watch_in_flight(conv, "takeover")
         log.info("stream taken", extra={"key": key or "*", "lease": lease})
         return True
 
@@ -601,11 +650,11 @@ class Registry:
                 continue
             for watched in self.conversations_of(key):
                 watched.subscription = sub
-                if reducer.is_active(watched.snapshot) and not watched.evidence.armed:
+                if not watched.evidence.armed:
                     # Its holder's stream is not this replica's to see: the
                     # work in flight must show on this one, as after a takeover
                     # (no replica may be left to end it otherwise).
-                    self._watches.arm(watched, "takeover")
+                    self._watch_in_flight(watched, "takeover")
 
     def adopt(
         self,

@@ -196,6 +196,25 @@ def test_failed_trigger_answer_reports_the_error_unless_overtaken(gptme: Profile
     assert reducer.fail_trigger(overtaken, token, "early", T).last_error == "from stream"
 
 
+def test_a_forwarded_trigger_is_noted_unseen_until_its_answer_or_a_new_state(
+    gptme: Profile,
+) -> None:
+    """In a fleet, the note that a step went upstream is never served, and
+    goes with its own answer, or with any state the events bring."""
+    done = feed(gptme, Snapshot(), {"type": "generation_complete"})
+    noted = reducer.forwarding(done, T)
+    assert noted.forwarded_at == T and reducer.in_flight(noted)
+    assert noted.body == done.body  # the same answer, the same tag
+    assert not reducer.in_flight(reducer.answered(noted, T))
+    assert reducer.answered(noted, T + 1) is noted  # another trigger's answer
+    token = reducer.trigger_token(noted)
+    accepted = reducer.accept_trigger(noted, token, step(gptme), {}, T)
+    assert (accepted.status, accepted.forwarded_at) == ("starting", None)
+    evented = feed(gptme, noted, {"type": "generation_started"})
+    assert evented.forwarded_at is None
+    assert reducer.fail(noted, "gone", T).forwarded_at is None
+
+
 def test_every_change_bumps_version_and_digest(gptme: Profile) -> None:
     a = Snapshot()
     b = reducer.stream_changed(a, "live", T)

@@ -336,6 +336,56 @@ async def test_a_step_that_ends_while_nobody_watches_is_not_left_generating(
         await replacement.exited()
 
 
+async def test_a_step_only_its_killed_forwarder_saw_start_is_judged_not_lost(
+    fleet: Callable[..., Awaitable[Fleet]],
+) -> None:
+    """The replica holding the stream forwards a step and is killed before
+    the upstream answers; the step runs and fails with nobody watching (the
+    fake, like gptme 0.31.0, replays no event). The replica taking the stream
+    over knows of the step from the note written before it was forwarded:
+    every replica says it showed no sign, not the step before's outcome."""
+    f = await fleet(step_answer_delay=1.0, extra=["--confirm-timeout", "1"])
+    cid = "forwarded"
+    sid = await f.watched(cid)
+    holder = await f.holder()
+    await f.step(holder, cid, sid)
+    await eventually(lambda: _all(f, cid, "completed"), timeout=10)
+    f.fake.planned[cid] = Outcome(kind="error", error="lost with its replica", start_delay=0.3)
+    steps = len(f.fake.requests)
+
+    async def step() -> int:
+        async with f.http.post(
+            f"{holder.url}/api/v2/conversations/{cid}/step", json={"session_id": sid}
+        ) as resp:
+            return resp.status
+
+    sent = asyncio.create_task(step())
+    try:
+        await eventually(
+            lambda: any(m == "POST" for m, _ in f.fake.requests[steps:]), timeout=5
+        )  # the upstream has it, its answer a second away
+        holder.signal(signal.SIGKILL)
+        await holder.exited(10)
+        with contextlib.suppress(aiohttp.ClientError):
+            await asyncio.wait_for(sent, 10)
+            raise AssertionError("the killed replica answered the step")
+    finally:
+        sent.cancel()
+    await eventually(lambda: f.fake.ledger[-1] == (cid, "failed", "lost with its replica"))
+    f.replicas = [r for r in f.replicas if r is not holder]
+
+    async def judged() -> bool:
+        return all(
+            s["status"] == "failed" and "showed no sign of the step" in (s["last_error"] or "")
+            for s in await f.sessions(cid)
+        )
+
+    await eventually(judged, timeout=LEASE_TTL + 1 + 5)
+    session = await f.session(f.replicas[0], cid)
+    assert session["generating"] is False
+    assert "a replica was lost with a step it had forwarded" in session["last_error"], session
+
+
 async def test_redis_stopped_and_started_mid_run(
     fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer
 ) -> None:

@@ -58,6 +58,8 @@ def good(**more: Any) -> dict[str, Any]:
         (good(pending_tools=["not a pair"]), "shape"),
         (good(retry={"attempt": 1, "other": 2}), "shape"),
         (good(state_at="now"), "number"),
+        (good(forwarded_at=1e20), "number"),
+        (good(forwarded_at="soon"), "number"),
         # A state dated after the record's last change would win every merge.
         (good(updated_at=1_700_000_000.0, state_at=1_700_000_001.0), "number"),
     ],
