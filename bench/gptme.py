@@ -320,6 +320,13 @@ def main() -> int:
         "default); a change made without an event"
         " is seen up to the sum of the two late",
     )
+    parser.add_argument(
+        "--upstream-nice",
+        type=int,
+        default=0,
+        help="run gptme at this nice value (10: its CPU bursts yield to the sidecar and the "
+        "clients, as a pod's upstream has CPU of its own); 0: as any process",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here (bench/ab.py)")
     args = parser.parse_args()
     try:
@@ -335,7 +342,7 @@ def main() -> int:
         pass
     procs = Processes()
     model = servers.start_model()
-    gptme = servers.start_gptme("0.31.0", model.url)
+    gptme = servers.start_gptme("0.31.0", model.url, nice=args.upstream_nice)
     many: dict[str, float] | None = None
     try:
 
@@ -369,7 +376,9 @@ def main() -> int:
             f"gptme-server 0.31.0, {args.conversations} conversations of {len(MESSAGES)} messages"
             f" ({size / 1024:.0f} KiB as served), {args.pollers} pollers at 1 GET/s each,"
             f" {args.appends:g} messages/s appended straight at gptme,"
-            f" {args.duration:g} s measured per path\n"
+            f" {args.duration:g} s measured per path"
+            + (f"; gptme at nice {args.upstream_nice}" if args.upstream_nice else "")
+            + "\n"
         )
 
         def run(base: str, pid: int | None, prefix: str, cached: bool = False) -> dict[str, float]:

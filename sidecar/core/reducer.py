@@ -58,6 +58,7 @@ __all__ = [
     "is_active",
     "learn_session",
     "reduce_event",
+    "starts_work",
     "stream_changed",
     "trigger_token",
 ]
@@ -154,6 +155,7 @@ def apply_event(snap: Snapshot, rule: EventRule, event: dict[str, Any], now: flo
         state_seq=snap.state_seq + 1,
         state_at=moved["updated_at"],
         forwarded_at=None,  # a new state: no step left unaccounted for
+        forwarded_by=None,
         **moved,
     )
 
@@ -289,21 +291,24 @@ def fail(snap: Snapshot, error: str, now: float) -> Snapshot:
         state_seq=snap.state_seq + 1,
         state_at=moved["updated_at"],
         forwarded_at=None,
+        forwarded_by=None,
         **moved,
     )
 
 
-def forwarding(snap: Snapshot, at: float) -> Snapshot:
-    """A trigger goes upstream now (``at``): noted, never served, until its
-    answer is applied (:func:`answered`) or a new state makes it moot.
+def forwarding(snap: Snapshot, at: float, by: str) -> Snapshot:
+    """A trigger that starts work goes upstream now (``at``, from replica
+    ``by``): noted, never served, until its answer is applied
+    (:func:`answered`) or a new state makes it moot.
 
     In a fleet the note is in the shared store before the request leaves, so
     that if the replica forwarding it is lost before the answer, whoever
     takes the stream over knows a step may be running that nobody saw start
-    (see ``sidecar.state.evidence``)."""
-    if snap.forwarded_at == at:
+    (see ``sidecar.state.evidence``). Only :attr:`Snapshot.version` moves:
+    nothing a client is served changes."""
+    if (snap.forwarded_at, snap.forwarded_by) == (at, by):
         return snap
-    return replace(snap, forwarded_at=at, version=snap.version + 1)
+    return replace(snap, forwarded_at=at, forwarded_by=by, version=snap.version + 1)
 
 
 def answered(snap: Snapshot, at: float) -> Snapshot:
@@ -311,7 +316,13 @@ def answered(snap: Snapshot, at: float) -> Snapshot:
     its note goes (not another trigger's, forwarded since)."""
     if snap.forwarded_at != at:
         return snap
-    return replace(snap, forwarded_at=None, version=snap.version + 1)
+    return replace(snap, forwarded_at=None, forwarded_by=None, version=snap.version + 1)
+
+
+def starts_work(trigger: Trigger) -> bool:
+    """Whether an accepted ``trigger`` may set work in flight (a step, a
+    confirm; not an interrupt): only those are noted as forwarded."""
+    return any(rule.status in ACTIVE for rule in trigger.on_accept)
 
 
 def learn_session(snap: Snapshot, session_id: str) -> Snapshot:

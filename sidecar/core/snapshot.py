@@ -171,6 +171,8 @@ class Snapshot:
     #: request goes out). Never served: it tells a replica taking the stream
     #: over that a step may be running which only a lost replica knew of.
     forwarded_at: float | None = None
+    #: The replica that forwarded it (judged only once that one is gone).
+    forwarded_by: str | None = None
 
     @property
     def generating(self) -> bool | None:
@@ -220,6 +222,7 @@ class Snapshot:
             "state_seq": self.state_seq,
             "state_at": self.state_at,
             "forwarded_at": self.forwarded_at,
+            "forwarded_by": self.forwarded_by,
         }
 
     @classmethod
@@ -237,6 +240,7 @@ class Snapshot:
             state_seq=int(kept.get("state_seq") or 0),
             state_at=kept.get("state_at"),
             forwarded_at=kept.get("forwarded_at"),
+            forwarded_by=kept.get("forwarded_by"),
             stream=stream if stream in STREAM_STATES else "connecting",
         )
 

@@ -92,7 +92,7 @@ class Triggers:
         token = reducer.trigger_token(conv.snapshot) if conv is not None else None
         forwarded = None
         if conv is not None:
-            noted = registry.forwarding(conv)
+            noted = registry.forwarding(conv, trigger)
             if noted is not None:
                 forwarded, done = noted
                 if done is not None:

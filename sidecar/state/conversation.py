@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..core.snapshot import Snapshot, state_date
@@ -186,6 +186,16 @@ class Conversation:
     def set(self, snapshot: Snapshot) -> None:
         before = self.snapshot
         if snapshot is before:
+            return
+        if snapshot.forwarded_at != before.forwarded_at and snapshot == replace(
+            before,
+            forwarded_at=snapshot.forwarded_at,
+            forwarded_by=snapshot.forwarded_by,
+            version=snapshot.version,
+        ):
+            # Only the note of a trigger forwarded (never served): nothing to
+            # tell a reader, no tag made stale, no long-poll woken.
+            self.snapshot = snapshot
             return
         if (snapshot.status, snapshot.stream, snapshot.last_error) != (
             before.status,

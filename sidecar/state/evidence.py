@@ -29,7 +29,9 @@ upstream and was killed before the answer, and the step's events went to the
 stream it held (gptme 0.31.0 replays none). The note it wrote to the shared
 store before forwarding (``Snapshot.forwarded_at``) is the only trace left;
 the replica taking the stream over judges it like work in flight, whatever
-the status says (the step before's outcome, most often).
+the status says (the step before's outcome, most often), once the replica
+that forwarded it has not been heard for a lease (the registry's
+``_judge_forwarded``; a living forwarder applies its own answer).
 
 gptme 0.31.0 cannot say whether a step still runs, and after a restart of
 the upstream or of the sidecar nothing says it stopped: only the events
@@ -152,9 +154,14 @@ class Watches(Generic[W]):
         }
         self._fail = fail
 
-    def arm(self, conv: W, kind: str) -> None:
-        """Watch ``conv`` for evidence, as the row ``kind`` says."""
-        self._arm(conv, kind, before="")
+    def arm(self, conv: W, kind: str, live: bool = False) -> None:
+        """Watch ``conv`` for evidence, as the row ``kind`` says (``live``:
+        its stream is live already, so its ``confirm`` starts now)."""
+        before = WATCHES[kind].before_confirm
+        if live and before is not None:
+            self._arm(conv, "confirm", before=before)
+        else:
+            self._arm(conv, kind, before="")
 
     def _arm(self, conv: W, kind: str, before: str) -> None:
         watch = WATCHES[kind]

@@ -161,6 +161,10 @@ def replica_name(value: Any) -> str:
     return value
 
 
+def _replica(value: Any) -> str | None:
+    return None if value is None else replica_name(value)
+
+
 def count(value: Any, what: str) -> int:
     """A revision, version or sequence number: an integer in [0, 2**53]."""
     if isinstance(value, bytes):
@@ -261,6 +265,7 @@ def snapshot(kept: Any, limit: int, stream: Any = "connecting") -> Snapshot:
         state_seq=count(kept.get("state_seq") or 0, "state_seq"),
         state_at=state_at,
         forwarded_at=_time(kept.get("forwarded_at"), "forwarded_at"),
+        forwarded_by=_replica(kept.get("forwarded_by")),
     )
 
 

@@ -326,18 +326,21 @@ class Registry:
     # ------------------------------------------------------------ evidence
     # Work in flight must keep showing evidence (sidecar.state.evidence).
 
-    def forwarding(self, conv: Conversation) -> tuple[float, asyncio.Future[None] | None] | None:
-        """A trigger is about to go upstream. In a fleet, it is noted in the
-        shared copy first (``Snapshot.forwarded_at``; the future: written), so
-        that a replica taking the stream over knows of it if this one is lost
-        before the answer. The note's time is what :meth:`answered` and
-        :meth:`accept_trigger` clear. None: alone, nothing to note (a
-        process lost takes its stream with it; a restart judges by status)."""
+    def forwarding(
+        self, conv: Conversation, trigger: Trigger
+    ) -> tuple[float, asyncio.Future[None] | None] | None:
+        """A trigger that starts work is about to go upstream. In a fleet, it
+        is noted in the shared copy first (``Snapshot.forwarded_at``, by this
+        replica; the future: written), so that a replica taking the stream
+        over knows of it if this one is lost before the answer. The note's
+        time is what :meth:`answered` and :meth:`accept_trigger` clear.
+        None: nothing noted (alone, a process lost takes its stream with it
+        and a restart judges by status; or the trigger starts no work)."""
         fleet = self.fleet
-        if fleet is None or fleet.degraded is not None:
+        if fleet is None or fleet.degraded is not None or not reducer.starts_work(trigger):
             return None
-        at = time.time()
-        return at, self.update(conv, lambda s: reducer.forwarding(s, at))
+        at, by = time.time(), fleet.replica
+        return at, self.update(conv, lambda s: reducer.forwarding(s, at, by))
 
     def answered(self, conv: Conversation, forwarded: float) -> None:
         """The trigger noted at ``forwarded`` got an answer that changes no
@@ -366,22 +369,31 @@ class Registry:
             self._watch_start(conv)
         return done
 
-    def _watch_in_flight(self, conv: Conversation, kind: str) -> None:
-        """After a takeover: work in flight is watched as ``kind`` says, and a
-        trigger whose forwarder was lost before its answer (a note younger
-        than the upstream's ``response_timeout`` and a lease or two, the
-        longest a living forwarder or a takeover takes) as ``forwarded``."""
+    def _judge_forwarded(self, conv: Conversation) -> None:
+        """A stream this replica holds now, and a note of a trigger forwarded
+        whose answer nobody applied: once its forwarder is gone (not heard
+        for a lease), the step is watched as work in flight (``forwarded``).
+        While the forwarder lives, its answer is its own to apply: asked
+        again every heartbeat. A note older than the upstream's
+        ``response_timeout`` and two leases (the longest a living forwarder
+        or a takeover takes) is dropped, and its record leaves the takeover
+        list."""
+        fleet = self.fleet
         snap = conv.snapshot
-        if reducer.is_active(snap):
-            self._watches.arm(conv, kind)
-        elif snap.forwarded_at is not None:
-            window = self.settings.response_timeout + 2 * self.settings.lease_ttl
-            if time.time() - snap.forwarded_at <= window:
-                self._watches.arm(conv, "forwarded")
-            else:
-                # Too old to be judged (its forwarder lost, the step not
-                # run): dropped, so the record leaves the takeover list.
-                self.answered(conv, snap.forwarded_at)
+        at = snap.forwarded_at
+        sub = self._subscriptions.get(self.stream_key(conv.id))
+        if at is None or fleet is None or fleet.degraded is not None or sub is None:
+            return  # answered, or not this replica's to judge (any more)
+        if reducer.is_active(snap) or conv.evidence.armed:
+            return  # watched already
+        if time.time() - at > self.settings.response_timeout + 2 * self.settings.lease_ttl:
+            self.answered(conv, at)
+        elif snap.forwarded_by is not None and fleet.alive(snap.forwarded_by):
+            asyncio.get_running_loop().call_later(
+                self.settings.lease_ttl / 3, self._judge_forwarded, conv
+            )
+        else:
+            self._watches.arm(conv, "forwarded", live=sub.stream == "live")
 
     def _watch_start(self, conv: Conversation) -> None:
         """Some event of the accepted work must arrive in time (watched by
@@ -473,7 +485,7 @@ class Registry:
         passed = 0
         while len(conversations) > self.settings.max_snapshots and passed < len(conversations):
             resource_id, conv = next(iter(conversations.items()))
-            if resource_id == newest or reducer.is_active(conv.snapshot):
+            if resource_id == newest or reducer.in_flight(conv.snapshot):
                 conversations.move_to_end(resource_id)
                 passed += 1
                 continue
@@ -511,7 +523,7 @@ class Registry:
         """Close the least recently used idle subscription, if there is one."""
         for key in self._subscriptions:  # least recently used first
             conv = self._conversations.get(key)
-            if conv is None or not reducer.is_active(conv.snapshot):
+            if conv is None or not reducer.in_flight(conv.snapshot):
                 if conv is not None:
                     self.update(conv, _stream_now("lost"), self._subscriptions[key])
                     conv.subscription = None
@@ -527,7 +539,8 @@ class Registry:
         for conv in self.conversations_of(sub.key):
             before = conv.snapshot.stream
             self.update(conv, lambda s: reducer.stream_changed(s, stream, now), sub)
-            if reducer.is_active(conv.snapshot) or conv.evidence.kind == "forwarded":
+            snap = conv.snapshot
+            if reducer.is_active(snap) or (snap.forwarded_at is not None and conv.evidence.armed):
                 failed = self._watches.stream_changed(conv, before, stream)
                 if failed is not None:
                     self._fail(conv, failed)
@@ -617,7 +630,10 @@ class Registry:
             return False
         for conv in convs:
             conv.subscription = sub
-            self._watch_in_flight(conv, "takeover")
+            if reducer.is_active(conv.snapshot):
+                self._watches.arm(conv, "takeover")
+            else:
+                self._judge_forwarded(conv)
         log.info("stream taken", extra={"key": key or "*", "lease": lease})
         return True
 
@@ -650,11 +666,11 @@ class Registry:
                 continue
             for watched in self.conversations_of(key):
                 watched.subscription = sub
-                if not watched.evidence.armed:
+                if reducer.is_active(watched.snapshot) and not watched.evidence.armed:
                     # Its holder's stream is not this replica's to see: the
                     # work in flight must show on this one, as after a takeover
                     # (no replica may be left to end it otherwise).
-                    self._watch_in_flight(watched, "takeover")
+                    self._watches.arm(watched, "takeover")
 
     def adopt(
         self,

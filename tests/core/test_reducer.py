@@ -202,8 +202,9 @@ def test_a_forwarded_trigger_is_noted_unseen_until_its_answer_or_a_new_state(
     """In a fleet, the note that a step went upstream is never served, and
     goes with its own answer, or with any state the events bring."""
     done = feed(gptme, Snapshot(), {"type": "generation_complete"})
-    noted = reducer.forwarding(done, T)
-    assert noted.forwarded_at == T and reducer.in_flight(noted)
+    noted = reducer.forwarding(done, T, "replica-a")
+    assert (noted.forwarded_at, noted.forwarded_by) == (T, "replica-a")
+    assert reducer.in_flight(noted)
     assert noted.body == done.body  # the same answer, the same tag
     assert not reducer.in_flight(reducer.answered(noted, T))
     assert reducer.answered(noted, T + 1) is noted  # another trigger's answer
@@ -213,6 +214,8 @@ def test_a_forwarded_trigger_is_noted_unseen_until_its_answer_or_a_new_state(
     evented = feed(gptme, noted, {"type": "generation_started"})
     assert evented.forwarded_at is None
     assert reducer.fail(noted, "gone", T).forwarded_at is None
+    interrupt = next(t for t in gptme.triggers if t.path.template.endswith("/interrupt"))
+    assert reducer.starts_work(step(gptme)) and not reducer.starts_work(interrupt)
 
 
 def test_every_change_bumps_version_and_digest(gptme: Profile) -> None:

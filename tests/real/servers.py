@@ -314,7 +314,9 @@ def start_model() -> Process:
     return process
 
 
-def start_gptme(version: str, model_url: str) -> Process:
+def start_gptme(version: str, model_url: str, nice: int = 0) -> Process:
+    """gptme-server ``version`` on loopback; ``nice``: at that CPU priority
+    (a benchmark's upstream, whose CPU is not the sidecar's in a pod)."""
     where = gptme_dir(version)
     require(where, f"gptme-server {version}")
     workdir = Path(tempfile.mkdtemp(prefix=f"sidecar-gptme-{version}-"))
@@ -337,6 +339,7 @@ def start_gptme(version: str, model_url: str) -> Process:
     process = Process(
         name=f"gptme-{version}",
         argv=[
+            *(["nice", "-n", str(nice)] if nice else []),
             *(str(where / "bin" / "gptme-server"), "serve", "--host", "127.0.0.1"),
             *("--port", str(port), "--model", "local/fake"),
         ],

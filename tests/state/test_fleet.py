@@ -386,6 +386,42 @@ async def test_a_step_only_its_killed_forwarder_saw_start_is_judged_not_lost(
     assert "a replica was lost with a step it had forwarded" in session["last_error"], session
 
 
+async def test_a_step_whose_forwarder_lives_is_not_judged_when_its_holder_dies(
+    fleet: Callable[..., Awaitable[Fleet]],
+) -> None:
+    """The note of a step is judged only once its forwarder is gone: here the
+    holder dies while another replica waits for the upstream's answer (gptme
+    0.35.1 answers once the first token came, seconds later), and the replica
+    taking the stream over waits for that answer instead of failing a step
+    whose events have not begun."""
+    f = await fleet(
+        step_answer_delay=5.5,
+        outcome=Outcome(tokens=5, start_delay=5.0),
+        extra=["--confirm-timeout", "1"],
+    )
+    cid = "slow-answer"
+    sid = await f.watched(cid)
+    holder = await f.holder()
+    forwarder = next(r for r in f.replicas if r is not holder)
+    steps = len(f.fake.requests)
+    sent = asyncio.create_task(f.step(forwarder, cid, sid))
+    try:
+        await eventually(lambda: any(m == "POST" for m, _ in f.fake.requests[steps:]))
+        holder.signal(signal.SIGKILL)
+        await holder.exited(10)
+        f.replicas = [r for r in f.replicas if r is not holder]
+        read = set()
+        deadline = time.monotonic() + 15
+        while not sent.done() and time.monotonic() < deadline:  # answered by the forwarder
+            read |= {(s["status"], s["last_error"]) for s in await f.sessions(cid)}
+            await asyncio.sleep(0.1)
+        await sent
+    finally:
+        sent.cancel()
+    await eventually(lambda: _all(f, cid, "completed"), timeout=10)
+    assert all(status != "failed" for status, _ in read), read
+
+
 async def test_redis_stopped_and_started_mid_run(
     fleet: Callable[..., Awaitable[Fleet]], redis_server: RedisServer
 ) -> None:
