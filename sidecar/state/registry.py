@@ -128,6 +128,9 @@ class Registry:
         self.malformed_events = 0
         self.oversized_retired = 0
         self.reconnects = 0
+        #: When this process began hearing its fleet (a replica not heard yet
+        #: is not taken for lost before a lease has passed).
+        self._started = time.monotonic()
 
     # ------------------------------------------------------------ lookups
     def get(self, resource_id: str) -> Conversation | None:
@@ -369,6 +372,16 @@ class Registry:
             self._watch_start(conv)
         return done
 
+    def _in_flight(self, snap: Snapshot) -> bool:
+        """Work in flight, or a note of a trigger forwarded young enough to be
+        judged: younger than the upstream's ``response_timeout`` and two
+        leases, the longest a living forwarder or a takeover takes."""
+        if reducer.is_active(snap):
+            return True
+        at = snap.forwarded_at
+        window = self.settings.response_timeout + 2 * self.settings.lease_ttl
+        return at is not None and time.time() - at <= window
+
     def _judge_forwarded(self, conv: Conversation) -> None:
         """A stream this replica holds now, and a note of a trigger forwarded
         whose answer nobody applied: once its forwarder is gone (not heard
@@ -386,9 +399,12 @@ class Registry:
             return  # answered, or not this replica's to judge (any more)
         if reducer.is_active(snap) or conv.evidence.armed:
             return  # watched already
-        if time.time() - at > self.settings.response_timeout + 2 * self.settings.lease_ttl:
+        if not self._in_flight(snap):
             self.answered(conv, at)
-        elif snap.forwarded_by is not None and fleet.alive(snap.forwarded_by):
+        elif snap.forwarded_by is not None and (
+            fleet.alive(snap.forwarded_by)
+            or time.monotonic() - self._started < self.settings.lease_ttl
+        ):
             asyncio.get_running_loop().call_later(
                 self.settings.lease_ttl / 3, self._judge_forwarded, conv
             )
@@ -485,7 +501,7 @@ class Registry:
         passed = 0
         while len(conversations) > self.settings.max_snapshots and passed < len(conversations):
             resource_id, conv = next(iter(conversations.items()))
-            if resource_id == newest or reducer.in_flight(conv.snapshot):
+            if resource_id == newest or self._in_flight(conv.snapshot):
                 conversations.move_to_end(resource_id)
                 passed += 1
                 continue
@@ -523,7 +539,7 @@ class Registry:
         """Close the least recently used idle subscription, if there is one."""
         for key in self._subscriptions:  # least recently used first
             conv = self._conversations.get(key)
-            if conv is None or not reducer.in_flight(conv.snapshot):
+            if conv is None or not self._in_flight(conv.snapshot):
                 if conv is not None:
                     self.update(conv, _stream_now("lost"), self._subscriptions[key])
                     conv.subscription = None
@@ -681,11 +697,15 @@ class Registry:
     ) -> None:
         """Another replica wrote this conversation's shared snapshot."""
         was_active = reducer.is_active(conv.snapshot)
+        noted = conv.snapshot.forwarded_at is not None
         self.rebased(conv)
         if transitions:
             conv.transitions = list(transitions)[-TRANSITIONS_KEPT:]
-        if not was_active and reducer.is_active(conv.snapshot) and not conv.evidence.armed:
-            self._watch_start(conv)  # a step accepted elsewhere, watched here
+        if not was_active and reducer.is_active(conv.snapshot):
+            if noted or not conv.evidence.armed:
+                # A step accepted elsewhere, watched here (its note's watch,
+                # if one was armed, gives way: its forwarder did answer).
+                self._watch_start(conv)
 
     def forget_state(self, conv: Conversation, at: float) -> None:
         """The shared record was unusable and is gone (at ``at``): nothing is
