@@ -90,6 +90,8 @@ async def test_a_malformed_message_on_the_channel_blinds_no_replica(
         {"rev": "9", "data": '{"snapshot": {"status": "whatever I like"}}'},
         {"rev": "9", "data": '{"snapshot": {"status": "failed", "last_error": {"an": "object"}}}'},
         {"rev": "9", "data": '{"snapshot": {"status": "failed", "last_error": "' + "x" * 70000},
+        {"rev": "9", "data": '{"snapshot": {"status": "idle", "forwarded_at": "soon"}}'},
+        {"rev": "9", "data": '{"snapshot": {"status": "idle", "forwarded_by": "a\\r\\nX: y"}}'},
     ],
 )
 async def test_a_malformed_record_is_dropped_never_served(
