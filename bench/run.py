@@ -157,6 +157,21 @@ def wrk(url: str, duration: float, connections: int) -> tuple[float, float, floa
     return rps, pct("50"), pct("99")
 
 
+def check_source(source: Path, env: dict[str, str]) -> None:
+    """Fail unless a sidecar started with ``env`` in ``source`` imports the
+    package found there (and not this tree's, or an installed one)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=source,
+        check=False,
+    ).stdout.strip()
+    if not found or not Path(found).resolve().is_relative_to(source.resolve()):
+        raise SystemExit(f"the sidecar to compare imports {found or 'nothing'}, not {source}")
+
+
 class Processes:
     """Child processes, stopped in reverse order (killed if they linger)."""
 
@@ -182,8 +197,14 @@ class Processes:
         )  # fmt: skip
         if source is None:
             return self.start(*cmd)
+        # `python -m` puts the working directory first on sys.path, before
+        # PYTHONPATH: run from this tree, the other version would import this
+        # tree's package, and a comparison would measure this code twice.
         env = {**os.environ, "PYTHONPATH": str(source)}
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        check_source(source, env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=source
+        )
         self.procs.append(proc)
         return proc
 
@@ -325,8 +346,15 @@ def _baseline_source(tmp: Path, revision: str) -> Path:
     """The sidecar package as it was at ``revision``, unpacked under ``tmp``."""
     where = tmp / "baseline"
     where.mkdir()
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", revision],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    parts = [part for part in ("sidecar", "config") if part in listed]  # config: the profiles
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "sidecar"], capture_output=True, check=True
+        ["git", "-C", str(ROOT), "archive", revision, *parts], capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
     return where
