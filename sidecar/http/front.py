@@ -349,7 +349,7 @@ class _Connection(asyncio.Protocol):
     def _next(self) -> None:
         """Serve the buffered requests whose heads are whole: at once while
         they can be answered at once, then the next one in a task."""
-        while self._start():
+        while self.buffer and self._start():
             pass
 
     def _start(self) -> bool:
@@ -411,7 +411,8 @@ class _Connection(asyncio.Protocol):
         if answer is None:
             return False
         exchange.respond_now(*answer)
-        self._logged(exchange, path, started)
+        if self.front.access_log is not None:
+            self._logged(exchange, path, started)
         return True
 
     def _parse(self, head: bytes) -> str | None:
@@ -694,9 +695,9 @@ class _Exchange:
         self.sent = len(body)
         transport = self._conn.transport
         if transport is not None and not self._conn.lost:
-            transport.write(head + body if len(body) <= 65536 else head)
-            if len(body) > 65536:
-                transport.write(body)
+            # One system call, the body not copied (uvloop sends both with
+            # writev; asyncio's own transport joins them).
+            transport.writelines((head, body))
         self.complete = True
 
     async def start(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:

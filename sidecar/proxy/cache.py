@@ -127,8 +127,10 @@ class Entry:
     #: The upstream is being asked for it again in the background.
     revalidating: bool = False
     #: The last head rendered for a hit (``Cache._rendered``): for which
-    #: snapshot and what else it says, its ETag's digest, the head.
+    #: snapshot, at which epoch of its conversation, and what else it says,
+    #: its ETag's digest, the head.
     head_for: Snapshot | None = None
+    head_epoch: int = -1
     head_said: tuple[object, ...] = ()
     head_digest: str = ""
     head: bytes = b""
@@ -210,11 +212,18 @@ class ResponseCache:
             self._shrink()
 
     def rendered(
-        self, entry: Entry, snap: Snapshot, said: tuple[object, ...], digest: str, head: bytes
+        self,
+        entry: Entry,
+        snap: Snapshot,
+        epoch: int,
+        said: tuple[object, ...],
+        digest: str,
+        head: bytes,
     ) -> None:
-        """A hit's head was rendered for ``snap`` and ``said``: keep it."""
+        """A hit's head was rendered for ``snap`` at ``epoch`` and ``said``: keep it."""
         old = entry.size
-        entry.head_for, entry.head_said, entry.head_digest, entry.head = snap, said, digest, head
+        entry.head_for, entry.head_epoch, entry.head_said = snap, epoch, said
+        entry.head_digest, entry.head = digest, head
         entry.size = _size(entry)
         if self._entries.get(entry.key) is entry:
             self.bytes += entry.size - old
@@ -431,20 +440,22 @@ class Cache:
     def unusable(
         self,
         entry: Entry,
-        baseline: Baseline | None,
+        conv: Conversation,
         exchange: Exchange,
         asked: cache_policy.Asked | None = None,
         validated: bool = False,
     ) -> str | None:
-        """Why ``entry`` cannot answer this request under ``baseline`` (the
-        conversation's now, see :meth:`baseline`), or None if it can.
+        """Why ``entry`` cannot answer this request now, or None if it can:
+        its baseline must be the conversation's now (see :meth:`baseline`,
+        read here without making one: this runs on every hit).
         ``validated``: the upstream has just confirmed it (a 304)."""
         cache = self.store
-        if baseline is None or baseline.sub is not entry.baseline.sub:
+        sub, was = conv.subscription, entry.baseline
+        if sub is None or sub.stream != "live" or sub is not was.sub:
             return "stream"
-        if baseline.connects != entry.baseline.connects:
+        if sub.connects != was.connects:
             return "stream"
-        if baseline.version != entry.baseline.version:
+        if conv.version != was.version:
             return "content"
         for name, value in entry.vary:
             if _joined(exchange.headers, name) != value:
@@ -487,7 +498,7 @@ class Cache:
             # The upstream refused these credentials since, or never saw them.
             cache.counts[("bypass", "unauthorised")] += 1
             return await self._uncached(exchange, key, asked, "unauthorised", baseline, store)
-        why = "absent" if entry is None else self.unusable(entry, baseline, exchange, asked)
+        why = "absent" if entry is None else self.unusable(entry, conv, exchange, asked)
         if why is None:
             assert entry is not None
             cache.counts[("hit", "fresh")] += 1
@@ -504,9 +515,8 @@ class Cache:
             # Another request asks the upstream for this answer now, under
             # the same baseline: its answer is as good as a new one.
             shared = await asyncio.shield(pending)
-            # The baseline again: the stream or the body may have changed meanwhile.
-            now = self.baseline(conv)
-            if shared is not None and self.unusable(shared, now, exchange, asked) is None:
+            # Judged now: the stream or the body may have changed meanwhile.
+            if shared is not None and self.unusable(shared, conv, exchange, asked) is None:
                 cache.counts[("hit", "collapsed")] += 1
                 await self.serve(
                     exchange, conv, shared, self._hit_status(shared) + "; detail=collapsed"
@@ -625,7 +635,7 @@ class Cache:
             return True  # no client waits: the entry is fresh again
         self.count("revalidated", "not_modified")
         # Validated by the upstream just now: fresh for this request.
-        if self.unusable(entry, self.baseline(conv), exchange, validated=True) is not None:
+        if self.unusable(entry, conv, exchange, validated=True) is not None:
             return False  # an event came meanwhile
         fill.stored = entry
         await self.serve(exchange, conv, entry, fill.status(stored=True))
@@ -652,7 +662,7 @@ class Cache:
         entry = cache.get(key)
         if entry is None or fingerprint not in conv.authorised:
             return None
-        if self.unusable(entry, self.baseline(conv), exchange) is not None:
+        if self.unusable(entry, conv, exchange) is not None:
             return None
         cache.counts[("hit", "fresh")] += 1
         if "If-None-Match" in headers:  # perhaps a 304
@@ -668,9 +678,12 @@ class Cache:
         cache = self.store
         snap, epoch = conv.snapshot, conv.epoch
         age = cache.age(entry)
-        digest = self.registry.tag_digest(
-            conv, entry.upstream_tag, snap, epoch, entry.upstream_length
-        )
+        if entry.head_for is snap and entry.head_epoch == epoch and self.registry.tags_fixed:
+            digest = entry.head_digest  # the one it was rendered with
+        else:
+            digest = self.registry.tag_digest(
+                conv, entry.upstream_tag, snap, epoch, entry.upstream_length
+            )
         said = (
             digest,
             int(cache.current_age(entry, age)),
@@ -683,7 +696,7 @@ class Cache:
             headers, digest = self._headers(exchange, conv, entry, self._hit_status(entry))
             headers["Content-Length"] = str(len(entry.merged))
             head = render_head(entry.status, entry.reason, headers)
-            cache.rendered(entry, snap, said, digest, head)
+            cache.rendered(entry, snap, epoch, said, digest, head)
         conv.remember_served(digest, epoch)
         self.counts.count_merge("merged")
         return entry.status, entry.head, entry.merged
