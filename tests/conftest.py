@@ -109,13 +109,22 @@ class Gptme:
     """A fake gptme upstream with the sidecar in front, and a client for both."""
 
     def __init__(
-        self, fake: FakeGptme, server: TestServer, sidecar: Sidecar, http: aiohttp.ClientSession
+        self,
+        fake: FakeGptme,
+        server: TestServer,
+        sidecar: Sidecar,
+        http: aiohttp.ClientSession,
+        poller: aiohttp.ClientSession,
     ) -> None:
         self.fake = fake
         self.server = server  # the upstream's, to stop and start it again
         self.upstream = str(server.make_url("")).rstrip("/")
         self.sidecar = sidecar
         self.http = http
+        #: A client that only GETs, as a poller does: its connections stay the
+        #: front door's (``http``'s first PUT hands its connection to aiohttp's
+        #: server for good, and the GETs after it go there too).
+        self.poller = poller
         self.headers: dict[str, str] = {}
 
     def url(self, path: str, direct: bool = False) -> str:
@@ -171,8 +180,17 @@ class Gptme:
 
 
 @pytest.fixture
+async def poller() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
 def gptme(
-    serve: Start, start_sidecar: Callable[..., Awaitable[Sidecar]], http: aiohttp.ClientSession
+    serve: Start,
+    start_sidecar: Callable[..., Awaitable[Sidecar]],
+    http: aiohttp.ClientSession,
+    poller: aiohttp.ClientSession,
 ):
     async def start(
         version: str = "0.31.0", sidecar_options: dict[str, Any] | None = None, **fake_options: Any
@@ -181,7 +199,7 @@ def gptme(
         server = await serve(fake.app)
         upstream = str(server.make_url("")).rstrip("/")
         sidecar = await start_sidecar(upstream, **(sidecar_options or {}))
-        return Gptme(fake, server, sidecar, http)
+        return Gptme(fake, server, sidecar, http, poller)
 
     return start
 

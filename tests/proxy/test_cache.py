@@ -27,7 +27,8 @@ def upstream_gets(g: Any, cid: str) -> int:
 
 
 async def fetch(g: Any, cid: str, **headers: str) -> tuple[aiohttp.ClientResponse, dict[str, Any]]:
-    async with g.http.get(
+    """A poll, on the poller's connections (the front door's)."""
+    async with g.poller.get(
         g.url(f"/api/v2/conversations/{cid}"), headers={**g.headers, **headers}
     ) as resp:
         assert resp.status in (200, 304), await resp.text()
@@ -512,3 +513,25 @@ async def test_a_hit_says_what_is_true_now_however_often_its_head_is_reused(gptm
     assert int(later.headers["Age"]) >= age + 1
     assert later.headers["ETag"] == failed.headers["ETag"]
     assert body["session"]["status"] == "failed"
+
+
+async def test_a_change_that_only_makes_served_tags_stale_gives_a_hit_a_new_etag(gptme) -> None:
+    """A hit's head, and its tag, are kept between polls; a change of the
+    conversation that leaves its body usable (the epoch moves, the body's
+    version does not) still gives the next hit a new ETag, and the old one
+    earns no 304 (gptme 0.31.0 tags no body: the epoch is in the tag)."""
+    g = await gptme(sidecar_options=CACHE)
+    await g.create("c1")
+    await cached(g, "c1")
+    first, _ = await fetch(g, "c1")
+    again, _ = await fetch(g, "c1")
+    assert again.headers["ETag"] == first.headers["ETag"]
+    g.sidecar.registry.get("c1").changed()
+    later, body = await fetch(g, "c1")
+    assert later.headers["Cache-Status"].startswith("sidecar; hit")
+    assert later.headers["ETag"] != first.headers["ETag"]
+    assert [m["content"] for m in body["log"]] == ["hello"]
+    old, _ = await fetch(g, "c1", **{"If-None-Match": first.headers["ETag"]})
+    assert old.status == 200
+    current, _ = await fetch(g, "c1", **{"If-None-Match": later.headers["ETag"]})
+    assert current.status == 304
