@@ -107,9 +107,6 @@ class Registry:
         self._session = session
         self.store = store if store is not None else MemoryStore()
         self.fleet = fleet
-        #: A tag's digest is fixed by its body's snapshot and epoch: true
-        #: alone; in a fleet it moves with the shared view too (validators).
-        self.tags_fixed = fleet is None
         self.transitions = transitions
         #: Tells this process's ETag versions from another's (epochs restart at 0).
         self.nonce = secrets.token_hex(3)
@@ -228,6 +225,12 @@ class Registry:
         return conv.snapshot.stream == "live"
 
     # ------------------------------------------------------------- ETags
+    @property
+    def tags_fixed(self) -> bool:
+        """A tag's digest is fixed by its body's snapshot and epoch: true
+        alone; in a fleet it moves with the shared view too (validators)."""
+        return self.fleet is None
+
     def tag_digest(
         self,
         conv: Conversation,
