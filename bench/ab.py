@@ -17,34 +17,24 @@ A ratio under ``--floor`` (0.97) is marked.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from run import _baseline_source  # noqa: E402
+
 BENCHES = {
     "run": ["--rounds", "1"],
     "fleet": ["--rounds", "1"],
     "gptme": [],
 }
-
-
-def old_source(revision: str, into: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "sidecar", "config"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into
 
 
 def main() -> int:
@@ -58,7 +48,7 @@ def main() -> int:
     benches = [b for b in args.benches.split(",") if b]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        old = old_source(args.old, tmp / "old")
+        old = _baseline_source(tmp, args.old)
         seen: dict[str, dict[str, list[float]]] = {"new": {}, "old": {}}
         better: dict[str, str] = {}
         for round_ in range(args.rounds):
