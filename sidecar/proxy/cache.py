@@ -432,8 +432,8 @@ class Cache:
     def baseline(self, conv: Conversation | None) -> Baseline | None:
         """What an answer asked for now is valid under, if its resource's
         stream is this process's and live."""
-        sub = conv.subscription if conv is not None else None
-        if conv is None or sub is None or sub.stream != "live":
+        sub = _live(conv) if conv is not None else None
+        if conv is None or sub is None:
             return None
         return Baseline(conv.version, sub, sub.connects)
 
@@ -450,8 +450,8 @@ class Cache:
         read here without making one: this runs on every hit).
         ``validated``: the upstream has just confirmed it (a 304)."""
         cache = self.store
-        sub, was = conv.subscription, entry.baseline
-        if sub is None or sub.stream != "live" or sub is not was.sub:
+        sub, was = _live(conv), entry.baseline
+        if sub is None or sub is not was.sub:
             return "stream"
         if sub.connects != was.connects:
             return "stream"
@@ -757,6 +757,12 @@ class Cache:
         # RFC 9211: a stale answer's ttl is negative.
         ttl = int(self.store.max_age - self.store.age(entry))
         return f"sidecar; hit; ttl={min(ttl, -1)}; detail=stale-while-revalidate"
+
+
+def _live(conv: Conversation) -> Subscription | None:
+    """The conversation's stream, if it is this process's and live."""
+    sub = conv.subscription
+    return sub if sub is not None and sub.stream == "live" else None
 
 
 def _joined(headers: Any, name: str) -> str | None:
